@@ -1,0 +1,320 @@
+//! The coordinator's commands, callable from tests as well as from `main`.
+
+mod output;
+
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally::input::{Format, DEFAULT_MAX_PAYLOAD_BYTES};
+use tally::{BatchSpec, PrepareOutcome, Store, StoreError};
+
+/// Exit codes, documented in the README; schedulers branch on them.
+pub mod exit {
+    /// Done; for `wait`: every record is complete.
+    pub const OK: u8 = 0;
+    /// A runtime error (database error, conflict, missing batch).
+    pub const ERROR: u8 = 1;
+    /// `wait`: the batch finished, and some records failed.
+    pub const FINISHED_WITH_FAILURES: u8 = 3;
+    /// `wait`: the timeout passed before the batch finished.
+    pub const TIMEOUT: u8 = 4;
+    /// Bad usage: arguments or names.
+    pub const USAGE: u8 = 64;
+    /// Bad input data: malformed, duplicate, empty or oversized records.
+    pub const DATA: u8 = 65;
+    /// PostgreSQL is unreachable, refuses the login, or has no Tally schema.
+    pub const UNAVAILABLE: u8 = 69;
+}
+
+/// Default pause between two looks at a batch in `wait`.
+pub const DEFAULT_WAIT_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Prepare batches of records, watch them and retry their failures"
+)]
+pub struct Cli {
+    /// PostgreSQL URL, e.g. postgres://user@host:5432/db
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply pending schema migrations (safe to run from several replicas at once).
+    Migrate,
+    /// Write one outbox row per input record; idempotent.
+    Prepare(PrepareArgs),
+    /// State, counts, rate and ETA of one batch or all.
+    Status {
+        batch: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until a batch finishes. Exit 0: all complete; 3: finished with failures; 4: timeout.
+    Wait {
+        batch: String,
+        /// Give up after this long (e.g. 30m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Pause between looks.
+        #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// List failed records with their attempts and last error.
+    Failed {
+        batch: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Send a batch's failed records back to pending.
+    RetryFailed {
+        batch: String,
+        /// Give each record its full attempt budget again (default: one more attempt).
+        #[arg(long)]
+        reset_attempts: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct PrepareArgs {
+    /// Batch name: letters, digits, '.', '_', '-', ':'.
+    batch: String,
+    #[arg(long)]
+    queue: String,
+    /// Input file, or '-' for standard input.
+    #[arg(
+        long,
+        conflicts_with = "from_query",
+        required_unless_present = "from_query"
+    )]
+    from_file: Option<PathBuf>,
+    /// A SELECT whose rows become the records, run inside PostgreSQL.
+    #[arg(long)]
+    from_query: Option<String>,
+    #[arg(long, default_value = "jsonl")]
+    format: Format,
+    /// Field (or column) holding each record's unique id.
+    #[arg(long, default_value = "id")]
+    id_field: String,
+    #[arg(long, default_value_t = 5)]
+    max_attempts: i32,
+    /// First retry delay; doubles per attempt, with full jitter.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    backoff_base: Duration,
+    /// Longest retry delay.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+    /// Largest accepted record, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
+    max_payload_bytes: usize,
+}
+
+/// Runs one command; returns the process exit code. Messages go to stderr, results to stdout.
+pub async fn run(cli: Cli) -> u8 {
+    match execute(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coordinator: {e}");
+            exit_code_of(&e)
+        }
+    }
+}
+
+fn exit_code_of(e: &StoreError) -> u8 {
+    match e {
+        StoreError::BadUrl(_) | StoreError::Invalid(_) => exit::USAGE,
+        StoreError::Input(_) => exit::DATA,
+        StoreError::Connect { .. }
+        | StoreError::SchemaMissing { .. }
+        | StoreError::SchemaOutdated { .. } => exit::UNAVAILABLE,
+        _ => exit::ERROR,
+    }
+}
+
+async fn connect(url: Option<&str>, schema: bool) -> Result<Store, StoreError> {
+    let url = url.ok_or_else(|| {
+        StoreError::BadUrl("no database given: pass --database-url or set DATABASE_URL".into())
+    })?;
+    let store = Store::connect(url, 2).await?;
+    if schema {
+        store.check_schema().await?;
+    }
+    Ok(store)
+}
+
+async fn execute(cli: Cli) -> Result<u8, StoreError> {
+    let url = cli.database_url.as_deref();
+    match cli.command {
+        Command::Migrate => {
+            let store = connect(url, false).await?;
+            let applied = store.migrate().await?;
+            if applied.is_empty() {
+                println!("schema of {} is up to date", store.target());
+            } else {
+                println!("applied to {}: {}", store.target(), applied.join(", "));
+            }
+            Ok(exit::OK)
+        }
+        Command::Prepare(args) => prepare(&connect(url, true).await?, args).await,
+        Command::Status { batch, json } => {
+            let store = connect(url, true).await?;
+            let statuses = store.batch_status(batch.as_deref()).await?;
+            if json {
+                output::print_json(&statuses, batch.is_some());
+            } else {
+                output::print_status_table(&statuses);
+            }
+            Ok(exit::OK)
+        }
+        Command::Wait {
+            batch,
+            timeout,
+            interval,
+        } => wait(&connect(url, true).await?, &batch, timeout, interval).await,
+        Command::Failed { batch, json, limit } => {
+            let store = connect(url, true).await?;
+            let failed = store.failed_records(&batch, limit.max(0)).await?;
+            if json {
+                output::print_json(&failed, false);
+            } else {
+                output::print_failed_table(&failed);
+            }
+            Ok(exit::OK)
+        }
+        Command::RetryFailed {
+            batch,
+            reset_attempts,
+        } => {
+            let store = connect(url, true).await?;
+            let n = store.retry_failed(&batch, reset_attempts).await?;
+            println!("{n} failed records of batch {batch} sent back to pending");
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {
+    let spec = BatchSpec {
+        name: args.batch.clone(),
+        queue: args.queue,
+        id_field: args.id_field,
+        max_attempts: args.max_attempts,
+        backoff_base: args.backoff_base,
+        backoff_max: args.backoff_max,
+    };
+    let started = Instant::now();
+    let outcome = match (args.from_file, args.from_query) {
+        (Some(path), _) => {
+            let progress = output::progress_bar(std::io::stderr().is_terminal());
+            let callback = progress
+                .clone()
+                .map(|bar| Arc::new(move |n: u64| bar.set_position(n)) as tally::store::Progress);
+            let result = if path.as_os_str() == "-" {
+                store
+                    .prepare_from_reader(
+                        &spec,
+                        std::io::stdin(),
+                        args.format,
+                        args.max_payload_bytes,
+                        callback,
+                    )
+                    .await
+            } else {
+                let file = std::fs::File::open(&path).map_err(|e| {
+                    StoreError::Invalid(format!("cannot open {}: {e}", path.display()))
+                })?;
+                store
+                    .prepare_from_reader(&spec, file, args.format, args.max_payload_bytes, callback)
+                    .await
+            };
+            if let Some(bar) = progress {
+                bar.finish_and_clear();
+            }
+            result.map_err(|e| name_file(e, &path))?
+        }
+        (None, Some(query)) => store.prepare_from_query(&spec, &query).await?,
+        (None, None) => {
+            return Err(StoreError::Invalid(
+                "give --from-file <path|-> or --from-query \"<SELECT …>\"".into(),
+            ))
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    match outcome {
+        PrepareOutcome::Prepared { records } => println!(
+            "batch {} prepared: {records} records in {secs:.1}s ({:.0} records/s); ready",
+            args.batch,
+            records as f64 / secs.max(1e-9)
+        ),
+        PrepareOutcome::AlreadyPrepared { records } => println!(
+            "batch {} was already prepared from this input ({records} records); nothing added",
+            args.batch
+        ),
+    }
+    Ok(exit::OK)
+}
+
+/// Puts the file's name in front of input errors ("data.jsonl: line 3: …").
+fn name_file(e: StoreError, path: &std::path::Path) -> StoreError {
+    let name = if path.as_os_str() == "-" {
+        "<stdin>".to_string()
+    } else {
+        path.display().to_string()
+    };
+    match e {
+        StoreError::Input(input) => StoreError::Input(input.in_file(&name)),
+        StoreError::Invalid(msg) if msg.starts_with("line ") => {
+            StoreError::Input(tally::input::InputError::Rejected(format!("{name}: {msg}")))
+        }
+        other => other,
+    }
+}
+
+async fn wait(
+    store: &Store,
+    batch: &str,
+    timeout: Option<Duration>,
+    interval: Duration,
+) -> Result<u8, StoreError> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let interactive = std::io::stderr().is_terminal();
+    loop {
+        let statuses = store.batch_status(Some(batch)).await?;
+        let Some(status) = statuses.first() else {
+            return Err(StoreError::BatchNotFound(batch.to_string()));
+        };
+        if interactive {
+            eprint!("\r{}   ", output::status_line(status));
+        }
+        if status.is_finished() {
+            if interactive {
+                eprintln!();
+            }
+            println!("{}", output::status_line(status));
+            return Ok(if status.failed > 0 || status.state == "cancelled" {
+                exit::FINISHED_WITH_FAILURES
+            } else {
+                exit::OK
+            });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            if interactive {
+                eprintln!();
+            }
+            eprintln!(
+                "coordinator: timed out waiting for batch {batch}: {}",
+                output::status_line(status)
+            );
+            return Ok(exit::TIMEOUT);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

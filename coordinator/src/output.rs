@@ -1,0 +1,115 @@
+//! How the coordinator prints: tables for people, JSON for programs.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tally::{BatchStatus, FailedRecord};
+
+/// A spinner with a count and rate, only on a terminal.
+pub fn progress_bar(on_terminal: bool) -> Option<ProgressBar> {
+    if !on_terminal {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {human_pos} records written ({per_sec}) {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    Some(bar)
+}
+
+/// One object when `single`, else an array.
+pub fn print_json<T: Serialize>(items: &[T], single: bool) {
+    let text = match (single, items.first()) {
+        (true, Some(first)) => serde_json::to_string_pretty(first),
+        _ => serde_json::to_string_pretty(items),
+    };
+    match text {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("coordinator: cannot encode JSON: {e}"),
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `batch: state, complete/total, failed, rate, eta` on one line.
+pub fn status_line(s: &BatchStatus) -> String {
+    let mut line = format!(
+        "{}: {} — {}/{} complete, {} failed, {} pending, {} running",
+        s.batch, s.state, s.complete, s.total, s.failed, s.pending, s.running
+    );
+    if let Some(rate) = s.rate_per_s {
+        line.push_str(&format!(", {rate:.0}/s"));
+    }
+    if let Some(eta) = s.eta_s {
+        line.push_str(&format!(", ETA {}", duration(eta)));
+    }
+    line
+}
+
+pub fn print_status_table(statuses: &[BatchStatus]) {
+    if statuses.is_empty() {
+        println!("no batches");
+        return;
+    }
+    println!(
+        "{:<24} {:<12} {:<22} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
+        "BATCH",
+        "QUEUE",
+        "STATE",
+        "TOTAL",
+        "PENDING",
+        "RUNNING",
+        "COMPLETE",
+        "FAILED",
+        "RATE/S",
+        "ETA"
+    );
+    for s in statuses {
+        println!(
+            "{:<24} {:<12} {:<22} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
+            s.batch,
+            s.queue,
+            s.state,
+            s.total,
+            s.pending,
+            s.running,
+            s.complete,
+            s.failed,
+            s.rate_per_s
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            s.eta_s.map(duration).unwrap_or_else(|| "-".into()),
+        );
+    }
+}
+
+pub fn print_failed_table(failed: &[FailedRecord]) {
+    if failed.is_empty() {
+        println!("no failed records");
+        return;
+    }
+    println!(
+        "{:<24} {:>8} {:<20}  LAST ERROR",
+        "RECORD", "ATTEMPTS", "FAILED AT"
+    );
+    for f in failed {
+        println!(
+            "{:<24} {:>8} {:<20}  {}",
+            f.record_id,
+            f.attempts,
+            f.failed_at,
+            f.last_error.replace('\n', " ")
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! The record and batch model shared by coordinator and worker.
+
+use serde::Serialize;
+use std::time::Duration;
+
+/// A row's state. Stored as text in `tally.record.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    Pending,
+    Running,
+    Complete,
+    Failed,
+    Cancelled,
+}
+
+impl RecordState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordState::Pending => "pending",
+            RecordState::Running => "running",
+            RecordState::Complete => "complete",
+            RecordState::Failed => "failed",
+            RecordState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What to write for a processed record.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub id: i64,
+    pub attempt: i32,
+    pub state: RecordState,
+    pub error: Option<String>,
+    pub retry_in: Duration,
+}
+
+/// A row handed to this worker by a claim.
+#[derive(Debug, Clone)]
+pub struct ClaimedRecord {
+    /// Internal row id.
+    pub id: i64,
+    /// The record's id within its batch.
+    pub record_id: String,
+    /// Fencing token: every write about this row must present it.
+    pub attempt: i32,
+    pub payload: serde_json::Value,
+}
+
+/// A batch a worker may claim from.
+#[derive(Debug, Clone)]
+pub struct ClaimableBatch {
+    pub id: i64,
+    pub name: String,
+    pub max_attempts: i32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Progress of one batch, from the O(1) counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchStatus {
+    pub batch: String,
+    pub queue: String,
+    /// preparing, ready, running, complete, complete_with_failures, paused or cancelled.
+    pub state: String,
+    pub total: i64,
+    pub pending: i64,
+    pub running: i64,
+    pub complete: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub max_attempts: i32,
+    pub created_at: String,
+    /// Records finished per second since the first claim.
+    pub rate_per_s: Option<f64>,
+    /// Seconds left at that rate.
+    pub eta_s: Option<f64>,
+}
+
+impl BatchStatus {
+    /// No row is left to process.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "complete" | "complete_with_failures" | "cancelled"
+        )
+    }
+}
+
+/// A failed record as `coordinator failed` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedRecord {
+    pub record_id: String,
+    pub attempts: i32,
+    pub last_error: String,
+    pub failed_at: String,
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrepareOutcome {
+    /// The batch was written now, with this many records.
+    Prepared { records: u64 },
+    /// The batch already held exactly this input: nothing was added.
+    AlreadyPrepared { records: u64 },
+}
+
+/// Where a batch's records come from and how they are retried.
+#[derive(Debug, Clone)]
+pub struct BatchSpec {
+    pub name: String,
+    pub queue: String,
+    pub id_field: String,
+    pub max_attempts: i32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// What one rescue pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RescueSummary {
+    pub to_pending: u64,
+    pub to_failed: u64,
+}

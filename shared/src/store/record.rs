@@ -1,0 +1,176 @@
+//! Records: claim under a lease, record outcomes behind the fence, renew, release, rescue.
+
+use super::{sql, Store};
+use crate::error::StoreError;
+use crate::model::{ClaimableBatch, ClaimedRecord, Outcome, RescueSummary};
+use std::time::Duration;
+
+impl Store {
+    /// Ready batches of `queue` that still have pending rows, oldest first.
+    pub async fn claimable_batches(&self, queue: &str) -> Result<Vec<ClaimableBatch>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(sql!("batch_ready_in_queue"))
+            .await
+            .map_err(|e| StoreError::db("finding work", e))?;
+        let rows = client
+            .query(&stmt, &[&queue])
+            .await
+            .map_err(|e| StoreError::db("finding work", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| ClaimableBatch {
+                id: r.get(0),
+                name: r.get(1),
+                max_attempts: r.get(2),
+                backoff_base: Duration::from_millis(r.get::<_, i64>(3).max(0) as u64),
+                backoff_max: Duration::from_millis(r.get::<_, i64>(4).max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Notes the first claim of a batch (the start of its rate and ETA).
+    pub async fn mark_started(&self, batch_id: i64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(sql!("batch_mark_started"), &[&batch_id])
+            .await
+            .map_err(|e| StoreError::db("marking the batch started", e))?;
+        Ok(())
+    }
+
+    /// Claims up to `limit` pending rows of a batch for `owner`, leased for `lease`.
+    pub async fn claim(
+        &self,
+        batch_id: i64,
+        limit: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedRecord>, StoreError> {
+        let client = self.client().await?;
+        let ctx = "claiming records";
+        let stmt = client
+            .prepare_cached(sql!("record_claim"))
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        let lease_s = lease.as_secs_f64();
+        let rows = client
+            .query(&stmt, &[&batch_id, &limit, &owner, &lease_s])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        Ok(rows
+            .iter()
+            .map(|r| ClaimedRecord {
+                id: r.get(0),
+                record_id: r.get(1),
+                attempt: r.get(2),
+                payload: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Writes outcomes in one statement, each only while `owner` still holds that row at that
+    /// attempt. Returns the ids written; the others' leases were lost and must not be retried.
+    pub async fn finish(&self, outcomes: &[Outcome], owner: &str) -> Result<Vec<i64>, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        finish_on(&client, outcomes, owner).await
+    }
+
+    /// Extends the leases `owner` still holds; returns the ids it still holds.
+    pub async fn renew(
+        &self,
+        held: &[(i64, i32)],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                sql!("record_renew"),
+                &[&ids, &attempts, &owner, &lease.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| StoreError::db("renewing leases", e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Gives back rows that were claimed but never started, without counting an attempt.
+    pub async fn release(&self, held: &[(i64, i32)], owner: &str) -> Result<u64, StoreError> {
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        let client = self.client().await?;
+        let rows = client
+            .query(sql!("record_release"), &[&ids, &attempts, &owner])
+            .await
+            .map_err(|e| StoreError::db("releasing records", e))?;
+        Ok(rows.len() as u64)
+    }
+
+    /// One bounded pass over expired leases; safe to run from every worker at once. Wakes the
+    /// queues that got rows back.
+    pub async fn rescue_expired(&self, limit: i64) -> Result<RescueSummary, StoreError> {
+        let client = self.client().await?;
+        let ctx = "rescuing expired leases";
+        let rows = client
+            .query(sql!("record_rescue"), &[&limit])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        let mut summary = RescueSummary::default();
+        let mut queues: Vec<String> = Vec::new();
+        for row in &rows {
+            let state: &str = row.get(1);
+            if state == "pending" {
+                summary.to_pending += 1;
+                let queue: String = row.get(0);
+                if !queues.contains(&queue) {
+                    queues.push(queue);
+                }
+            } else {
+                summary.to_failed += 1;
+            }
+        }
+        for queue in queues {
+            client
+                .query_one(sql!("notify_work"), &[&queue])
+                .await
+                .map_err(|e| StoreError::db(ctx, e))?;
+        }
+        Ok(summary)
+    }
+}
+
+/// The fenced outcome write, on a given connection or transaction.
+pub(super) async fn finish_on<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    outcomes: &[Outcome],
+    owner: &str,
+) -> Result<Vec<i64>, StoreError> {
+    let ctx = "recording outcomes";
+    let mut ids = Vec::with_capacity(outcomes.len());
+    let mut attempts = Vec::with_capacity(outcomes.len());
+    let mut states = Vec::with_capacity(outcomes.len());
+    let mut errors = Vec::with_capacity(outcomes.len());
+    let mut delays = Vec::with_capacity(outcomes.len());
+    for o in outcomes {
+        ids.push(o.id);
+        attempts.push(o.attempt);
+        states.push(o.state.as_str());
+        errors.push(o.error.as_deref());
+        delays.push(o.retry_in.as_secs_f64());
+    }
+    let stmt = client
+        .prepare_cached(sql!("record_finish"))
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    let rows = client
+        .query(&stmt, &[&ids, &attempts, &states, &errors, &delays, &owner])
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

@@ -1,0 +1,228 @@
+//! Runs an operator's SQL statement per record in the same transaction as the record's
+//! completion, behind the lease fence: the effect commits exactly when the status does.
+
+use super::record::finish_on;
+use super::{sql, Store};
+use crate::error::{describe_pg_error, StoreError};
+use crate::model::{ClaimedRecord, Outcome, RecordState};
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio_postgres::types::Type;
+
+/// Why the statement failed for one record.
+#[derive(Debug, Clone)]
+pub struct StatementFailure {
+    pub message: String,
+    pub sqlstate: Option<String>,
+    /// Serialization failures, deadlocks, lock timeouts, cancels and lost connections pass;
+    /// constraint, data and other errors do not.
+    pub retryable: bool,
+}
+
+/// What happened to one chunk.
+#[derive(Debug, Default)]
+pub struct TransactionalResult {
+    /// Records whose statement ran and which are now complete.
+    pub completed: u64,
+    /// Outcomes written for records whose statement failed (retry or failed).
+    pub failed: Vec<Outcome>,
+    /// Records this worker no longer held (lease lost): nothing was written for them.
+    pub lost: Vec<i64>,
+}
+
+/// SQLSTATEs after which the same statement may well succeed.
+pub fn is_retryable_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03"
+    ) || code.starts_with("08")
+        || code.starts_with("53")
+}
+
+fn failure_of(err: &tokio_postgres::Error) -> StatementFailure {
+    let sqlstate = err.code().map(|c| c.code().to_string());
+    let retryable = match &sqlstate {
+        Some(code) => is_retryable_sqlstate(code),
+        // No SQLSTATE: the connection broke.
+        None => true,
+    };
+    StatementFailure {
+        message: describe_pg_error(err),
+        sqlstate,
+        retryable,
+    }
+}
+
+impl Store {
+    /// Checks that `statement` parses with `$1` text, `$2` jsonb, `$3` text, before any record
+    /// is claimed.
+    pub async fn check_statement(&self, statement: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .prepare_typed(statement, &[Type::TEXT, Type::JSONB, Type::TEXT])
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StoreError::Invalid(format!(
+                    "the --sql statement is invalid: {}",
+                    describe_pg_error(&e)
+                ))
+            })
+    }
+
+    /// Processes `records` of batch `batch` with `statement`. Fast path: every statement and
+    /// the completion in one transaction. If any statement fails, that transaction is rolled
+    /// back and the chunk is redone with a savepoint per record, so one bad record does not
+    /// sink the others. `on_failure` turns a failure into the outcome to write (retry or fail).
+    pub async fn run_transactional(
+        &self,
+        batch: &str,
+        records: &[ClaimedRecord],
+        owner: &str,
+        statement: &str,
+        on_failure: impl Fn(&ClaimedRecord, &StatementFailure) -> Outcome,
+    ) -> Result<TransactionalResult, StoreError> {
+        let mut client = self.client().await?;
+        if let Some(result) = fast_path(&mut client, batch, records, owner, statement).await? {
+            return Ok(result);
+        }
+        slow_path(&mut client, batch, records, owner, statement, on_failure).await
+    }
+}
+
+const CTX: &str = "running the SQL handler";
+
+async fn lock_held(
+    tx: &deadpool_postgres::Transaction<'_>,
+    records: &[ClaimedRecord],
+    owner: &str,
+) -> Result<HashSet<i64>, StoreError> {
+    let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
+    let stmt = tx
+        .prepare_cached(sql!("record_lock_fenced"))
+        .await
+        .map_err(|e| StoreError::db(CTX, e))?;
+    let rows = tx
+        .query(&stmt, &[&ids, &attempts, &owner])
+        .await
+        .map_err(|e| StoreError::db(CTX, e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+fn complete(r: &ClaimedRecord) -> Outcome {
+    Outcome {
+        id: r.id,
+        attempt: r.attempt,
+        state: RecordState::Complete,
+        error: None,
+        retry_in: Duration::ZERO,
+    }
+}
+
+/// `Ok(None)` when a statement failed and the chunk must be redone record by record.
+async fn fast_path(
+    client: &mut deadpool_postgres::Object,
+    batch: &str,
+    records: &[ClaimedRecord],
+    owner: &str,
+    statement: &str,
+) -> Result<Option<TransactionalResult>, StoreError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| StoreError::db(CTX, e))?;
+    let held = lock_held(&tx, records, owner).await?;
+    let stmt = tx
+        .prepare_typed_cached(statement, &[Type::TEXT, Type::JSONB, Type::TEXT])
+        .await
+        .map_err(|e| StoreError::db(CTX, e))?;
+    let mine: Vec<&ClaimedRecord> = records.iter().filter(|r| held.contains(&r.id)).collect();
+    // Issued together, these are pipelined on the connection: one round trip for the chunk.
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 3]> = mine
+        .iter()
+        .map(|r| [&r.record_id as _, &r.payload as _, &batch as _])
+        .collect();
+    let runs = params.iter().map(|p| tx.execute(&stmt, p));
+    let results = futures::future::join_all(runs).await;
+    if let Some(err) = results.into_iter().find_map(Result::err) {
+        if err.code().is_none() {
+            // The connection itself failed: nothing committed; the leases will expire.
+            return Err(StoreError::db(CTX, err));
+        }
+        drop(tx);
+        return Ok(None);
+    }
+    let outcomes: Vec<Outcome> = mine.iter().map(|r| complete(r)).collect();
+    let written = finish_on(&tx, &outcomes, owner).await?;
+    tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
+    Ok(Some(TransactionalResult {
+        completed: written.len() as u64,
+        failed: Vec::new(),
+        lost: records
+            .iter()
+            .filter(|r| !held.contains(&r.id))
+            .map(|r| r.id)
+            .collect(),
+    }))
+}
+
+async fn slow_path(
+    client: &mut deadpool_postgres::Object,
+    batch: &str,
+    records: &[ClaimedRecord],
+    owner: &str,
+    statement: &str,
+    on_failure: impl Fn(&ClaimedRecord, &StatementFailure) -> Outcome,
+) -> Result<TransactionalResult, StoreError> {
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(|e| StoreError::db(CTX, e))?;
+    let held = lock_held(&tx, records, owner).await?;
+    let stmt = tx
+        .prepare_typed_cached(statement, &[Type::TEXT, Type::JSONB, Type::TEXT])
+        .await
+        .map_err(|e| StoreError::db(CTX, e))?;
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut failed = Vec::new();
+    for r in records.iter().filter(|r| held.contains(&r.id)) {
+        let savepoint = tx
+            .savepoint("record")
+            .await
+            .map_err(|e| StoreError::db(CTX, e))?;
+        match savepoint
+            .execute(&stmt, &[&r.record_id, &r.payload, &batch])
+            .await
+        {
+            Ok(_) => {
+                savepoint
+                    .commit()
+                    .await
+                    .map_err(|e| StoreError::db(CTX, e))?;
+                outcomes.push(complete(r));
+            }
+            Err(err) if err.code().is_none() => return Err(StoreError::db(CTX, err)),
+            Err(err) => {
+                savepoint
+                    .rollback()
+                    .await
+                    .map_err(|e| StoreError::db(CTX, e))?;
+                let outcome = on_failure(r, &failure_of(&err));
+                failed.push(outcome.clone());
+                outcomes.push(outcome);
+            }
+        }
+    }
+    finish_on(&tx, &outcomes, owner).await?;
+    tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
+    Ok(TransactionalResult {
+        completed: (outcomes.len() - failed.len()) as u64,
+        failed,
+        lost: records
+            .iter()
+            .filter(|r| !held.contains(&r.id))
+            .map(|r| r.id)
+            .collect(),
+    })
+}

@@ -1,0 +1,97 @@
+-- Batches and their per-record outbox rows.
+create schema if not exists tally;
+
+create table tally.batch (
+    id               bigint generated always as identity primary key,
+    name             text not null unique,
+    queue            text not null,
+    -- preparing: rows being written, invisible to workers; ready: claimable;
+    -- paused / cancelled: not claimable. "Finished" is derived from the counts.
+    state            text not null default 'preparing'
+                     check (state in ('preparing', 'ready', 'paused', 'cancelled')),
+    source           text not null,          -- 'file' or 'query'
+    id_field         text not null,
+    input_digest     text,                   -- sha256 of the input, set when ready
+    total            bigint not null default 0,
+    max_attempts     int not null check (max_attempts between 1 and 1000),
+    backoff_base_ms  bigint not null default 1000 check (backoff_base_ms >= 0),
+    backoff_max_ms   bigint not null default 300000 check (backoff_max_ms >= 0),
+    created_at       timestamptz not null default now(),
+    ready_at         timestamptz,
+    started_at       timestamptz,
+    updated_at       timestamptz not null default now()
+);
+create index batch_queue_ready on tally.batch (queue, id) where state = 'ready';
+
+-- No foreign key to tally.batch: its per-row check would fire once per COPY row of a
+-- 10M-record prepare. Records are only written by the store, inside the batch's lifetime.
+create table tally.record (
+    id               bigint generated always as identity primary key,
+    batch_id         bigint not null,
+    record_id        text not null,
+    state            text not null default 'pending'
+                     check (state in ('pending', 'running', 'complete', 'failed', 'cancelled')),
+    attempt          int not null default 0,     -- also the lease's fencing token
+    lease_owner      text,
+    lease_expires_at timestamptz,
+    available_at     timestamptz not null default now(),
+    last_error       text,
+    payload          jsonb not null,
+    created_at       timestamptz not null default now(),
+    updated_at       timestamptz not null default now(),
+    unique (batch_id, record_id)
+);
+-- The claim walks pending rows of one batch in id order. Rows leave this index when claimed,
+-- so it stays as small as the remaining work.
+create index record_pending on tally.record (batch_id, id) where state = 'pending';
+-- The rescuer finds expired leases here.
+create index record_running_lease on tally.record (lease_expires_at) where state = 'running';
+-- `failed` and `retry-failed` read only failed rows.
+create index record_failed on tally.record (batch_id, id) where state = 'failed';
+-- Without statistics on state the planner cannot learn that a freshly loaded batch is 100%
+-- pending; with them it claims through the primary key and filters, rescanning every
+-- finished row on each claim (quadratic in the batch size).
+alter table tally.record alter column state set statistics 0;
+
+-- Exact per-state counts, spread over a few slot rows per batch so that concurrent workers
+-- do not serialise on one counter row. Reading a batch's counts sums at most 16 x 5 rows.
+create table tally.batch_count (
+    batch_id  bigint not null,
+    slot      int not null,
+    state     text not null,
+    n         bigint not null,
+    primary key (batch_id, slot, state)
+);
+
+-- Every UPDATE or DELETE of records adjusts the counts in the same transaction, so they equal
+-- a COUNT(*) by state at every commit. Inserts happen only in `prepare`, which sets the
+-- counts itself (a transition table would copy every row of a 10M-row COPY).
+create function tally.count_record_changes() returns trigger language plpgsql as $$
+begin
+    if tg_op = 'UPDATE' then
+        insert into tally.batch_count as c (batch_id, slot, state, n)
+        select batch_id, pg_backend_pid() % 16, state, sum(d)
+          from (select batch_id, state, -1 as d from old_rows
+                union all
+                select batch_id, state, 1 from new_rows) x
+         group by batch_id, state
+        having sum(d) <> 0
+         order by batch_id, state
+        on conflict (batch_id, slot, state) do update set n = c.n + excluded.n;
+    elsif tg_op = 'DELETE' then
+        insert into tally.batch_count as c (batch_id, slot, state, n)
+        select batch_id, pg_backend_pid() % 16, state, -count(*)
+          from old_rows
+         group by batch_id, state
+         order by batch_id, state
+        on conflict (batch_id, slot, state) do update set n = c.n + excluded.n;
+    end if;
+    return null;
+end $$;
+
+create trigger record_count_update after update on tally.record
+    referencing old table as old_rows new table as new_rows
+    for each statement execute function tally.count_record_changes();
+create trigger record_count_delete after delete on tally.record
+    referencing old table as old_rows
+    for each statement execute function tally.count_record_changes();

@@ -1,0 +1,1 @@
+copy tally.record (batch_id, record_id, payload) from stdin

@@ -1,0 +1,1 @@
+listen tally_work

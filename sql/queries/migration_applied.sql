@@ -1,0 +1,1 @@
+select version from tally.migration order by version

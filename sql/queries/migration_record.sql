@@ -1,0 +1,1 @@
+insert into tally.migration (version, name) values ($1, $2)

@@ -1,0 +1,1 @@
+select to_regclass('tally.migration') is not null

@@ -1,0 +1,167 @@
+//! `worker`: claims records of a queue and processes them until SIGTERM/SIGINT.
+
+use clap::{Parser, ValueEnum};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tally_worker::{NoopHandler, Processor, Worker, WorkerConfig, WorkerError};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for bad usage or configuration (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HandlerKind {
+    /// Run --sql per record in the transaction that completes it.
+    Sql,
+    /// Complete every record without doing anything (benchmarks).
+    Noop,
+}
+
+/// Claims records of a queue under a lease and processes them.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// PostgreSQL URL, e.g. postgres://user@host:5432/db
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Queue to take records from.
+    #[arg(long, env = "TALLY_QUEUE")]
+    queue: String,
+    #[arg(long, value_enum, env = "TALLY_HANDLER")]
+    handler: HandlerKind,
+    /// Statement for --handler sql: $1 record id (text), $2 payload (jsonb), $3 batch (text).
+    #[arg(long, env = "TALLY_SQL")]
+    sql: Option<String>,
+    /// Records (or SQL transactions) processed at once.
+    #[arg(long, env = "TALLY_CONCURRENCY", default_value_t = tally_worker::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Most rows taken per claim.
+    #[arg(long, env = "TALLY_CLAIM_SIZE", default_value_t = tally_worker::DEFAULT_CLAIM_SIZE)]
+    claim_size: usize,
+    /// Records per transaction of the sql handler.
+    #[arg(long, env = "TALLY_SQL_CHUNK", default_value_t = tally_worker::DEFAULT_SQL_CHUNK)]
+    sql_chunk: usize,
+    /// Lease on claimed rows; renewed while they are processed.
+    #[arg(long, env = "TALLY_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Fallback poll when no notification arrives.
+    #[arg(long, env = "TALLY_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// How often to look for expired leases of dead workers.
+    #[arg(long, env = "TALLY_RESCUE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    rescue_interval: Duration,
+    /// Time given to in-flight records after SIGTERM.
+    #[arg(long, env = "TALLY_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    grace_period: Duration,
+    /// Lease owner name (default: host-pid-random).
+    #[arg(long, env = "TALLY_WORKER_ID")]
+    worker_id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let mut config = WorkerConfig::new(&args.queue);
+    config.concurrency = args.concurrency;
+    config.claim_size = args.claim_size;
+    config.lease = args.lease;
+    config.poll_interval = args.poll_interval;
+    config.rescue_interval = args.rescue_interval;
+    config.grace_period = args.grace_period;
+    if let Some(id) = args.worker_id {
+        config.worker_id = id;
+    }
+    let mut problems = config.validate().err().unwrap_or_default();
+    let processor = match (args.handler, args.sql) {
+        (HandlerKind::Sql, Some(statement)) if !statement.trim().is_empty() => Processor::Sql {
+            statement,
+            chunk_size: args.sql_chunk.max(1),
+        },
+        (HandlerKind::Sql, _) => {
+            problems.push("--handler sql needs --sql \"<statement>\"".into());
+            Processor::Handler(Arc::new(NoopHandler))
+        }
+        (HandlerKind::Noop, _) => Processor::Handler(Arc::new(NoopHandler)),
+    };
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("worker: {p}");
+        }
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // Claims, completions, renewals, rescue, plus one transaction per concurrent SQL chunk.
+    let pool_size = config.concurrency.min(64) + 4;
+    let store = match tally::Store::connect(&args.database_url, pool_size).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    match Worker::new(store, config, processor).run(shutdown).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(WorkerError::Config(problems)) => {
+            for p in &problems {
+                eprintln!("worker: {p}");
+            }
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e @ WorkerError::Store(tally::StoreError::Invalid(_))) => {
+            eprintln!("worker: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: drain. Second: exit at once (leases then expire as after a crash).
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!(
+        "stopping: no new claims, finishing in-flight records (signal again to stop now)"
+    );
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}

@@ -1,0 +1,581 @@
+//! The claim loop and its helpers: dispatch, batched completion, lease renewal, rescue, drain.
+
+use crate::{listener, Processor, WorkerConfig, WorkerError};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tally::backoff::full_jitter;
+use tally::{
+    ClaimableBatch, ClaimedRecord, HandlerError, Outcome, RecordContext, RecordState, Store,
+};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Outcomes written per statement, at most.
+const FLUSH_MAX: usize = 1000;
+/// How long the completer waits for more outcomes before writing what it has.
+const FLUSH_LINGER: Duration = Duration::from_millis(5);
+/// Rows moved per rescue statement.
+const RESCUE_LIMIT: i64 = 1000;
+/// Pause after a failed database call in the claim loop, doubled up to the maximum.
+const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Counts of what one run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub completed: u64,
+    pub failed: u64,
+    pub retried: u64,
+    /// Outcomes refused by the fence: the lease had passed to another worker.
+    pub lost_leases: u64,
+    /// Rows given back unstarted at shutdown.
+    pub released: u64,
+    pub rescued: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    lost: AtomicU64,
+    released: AtomicU64,
+    rescued: AtomicU64,
+}
+
+impl Counters {
+    fn summary(&self) -> RunSummary {
+        RunSummary {
+            completed: self.completed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            lost_leases: self.lost.load(Ordering::Relaxed),
+            released: self.released.load(Ordering::Relaxed),
+            rescued: self.rescued.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, outcome: &Outcome) {
+        let counter = match outcome.state {
+            RecordState::Complete => &self.completed,
+            RecordState::Pending => &self.retried,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// State shared by the worker's tasks.
+struct Shared {
+    store: Store,
+    config: WorkerConfig,
+    counters: Counters,
+    /// Rows claimed and not yet written back: id -> attempt (the fencing token).
+    in_flight: Mutex<HashMap<i64, i32>>,
+    /// Claimed-but-unwritten rows may not exceed this; claims wait for room.
+    room: Arc<Semaphore>,
+    /// Handlers (or SQL transactions) running at once.
+    handlers: Arc<Semaphore>,
+    /// Stop claiming; let started work finish.
+    soft: CancellationToken,
+    /// Stop everything now (grace period over).
+    hard: CancellationToken,
+}
+
+impl Shared {
+    fn forget(&self, ids: impl IntoIterator<Item = i64>) {
+        let mut n = 0;
+        if let Ok(mut map) = self.in_flight.lock() {
+            for id in ids {
+                map.remove(&id);
+                n += 1;
+            }
+        }
+        self.room.add_permits(n);
+    }
+
+    fn held(&self) -> Vec<(i64, i32)> {
+        self.in_flight
+            .lock()
+            .map(|m| m.iter().map(|(&id, &a)| (id, a)).collect())
+            .unwrap_or_default()
+    }
+
+    fn note_lost(&self, lost: &[i64]) {
+        if !lost.is_empty() {
+            self.counters
+                .lost
+                .fetch_add(lost.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                count = lost.len(),
+                first = lost[0],
+                "lease lost: another worker holds these rows now; their result was not written"
+            );
+        }
+    }
+}
+
+/// A worker bound to a store, a configuration and a processor.
+pub struct Worker {
+    store: Store,
+    config: WorkerConfig,
+    processor: Processor,
+}
+
+impl Worker {
+    pub fn new(store: Store, config: WorkerConfig, processor: Processor) -> Self {
+        Worker {
+            store,
+            config,
+            processor,
+        }
+    }
+
+    /// Runs until `shutdown` fires, then stops claiming, lets in-flight records finish within
+    /// the grace period, gives back rows it never started, and returns what it did.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<RunSummary, WorkerError> {
+        self.config.validate().map_err(WorkerError::Config)?;
+        self.store.check_schema().await?;
+        if let Processor::Sql { statement, .. } = &self.processor {
+            self.store.check_statement(statement).await?;
+        }
+        let config = self.config;
+        let max_outstanding = config.claim_size.max(config.concurrency) * 2;
+        let shared = Arc::new(Shared {
+            store: self.store,
+            counters: Counters::default(),
+            in_flight: Mutex::new(HashMap::new()),
+            room: Arc::new(Semaphore::new(max_outstanding)),
+            handlers: Arc::new(Semaphore::new(config.concurrency)),
+            soft: shutdown.clone(),
+            hard: CancellationToken::new(),
+            config,
+        });
+        let background = CancellationToken::new();
+        let wake = Arc::new(Notify::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(listener::listen(
+            shared.store.config().clone(),
+            shared.config.queue.clone(),
+            wake.clone(),
+            background.clone(),
+        ));
+        tasks.spawn(rescue_loop(shared.clone(), background.clone()));
+        tasks.spawn(renew_loop(shared.clone(), background.clone()));
+        tasks.spawn(progress_loop(shared.clone(), background.clone()));
+        let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(complete_loop(shared.clone(), outcomes_rx));
+
+        tracing::info!(
+            worker = %shared.config.worker_id,
+            queue = %shared.config.queue,
+            concurrency = shared.config.concurrency,
+            "worker started"
+        );
+        claim_loop(&shared, &self.processor, &wake, outcomes_tx).await;
+
+        // Drain: wait for every claimed row to be written back, within the grace period.
+        let drained = tokio::time::timeout(
+            shared.config.grace_period,
+            shared.room.acquire_many(max_outstanding as u32),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                in_flight = shared.held().len(),
+                "grace period over: stopping in-flight records; their leases will expire"
+            );
+            shared.hard.cancel();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), completer).await;
+        background.cancel();
+        while tasks.join_next().await.is_some() {}
+        let summary = shared.counters.summary();
+        tracing::info!(?summary, "worker stopped");
+        Ok(summary)
+    }
+}
+
+async fn claim_loop(
+    shared: &Arc<Shared>,
+    processor: &Processor,
+    wake: &Notify,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    let cfg = &shared.config;
+    let mut started: HashSet<i64> = HashSet::new();
+    let mut error_delay = ERROR_BACKOFF_MIN;
+    // Claim when there is room for a worthwhile batch, so that claims stay large.
+    let min_room = (cfg.claim_size / 2).max(1).min(cfg.claim_size) as u32;
+    loop {
+        tokio::select! {
+            _ = shared.soft.cancelled() => return,
+            permit = shared.room.acquire_many(min_room) => drop(permit),
+        }
+        let claimed = match claim_round(shared, processor, &mut started, &outcomes).await {
+            Ok(n) => {
+                error_delay = ERROR_BACKOFF_MIN;
+                n
+            }
+            Err(e) => {
+                tracing::warn!("claiming failed: {e}; retrying in {error_delay:?}");
+                tokio::select! {
+                    _ = shared.soft.cancelled() => return,
+                    _ = tokio::time::sleep(error_delay) => {}
+                }
+                error_delay = (error_delay * 2).min(ERROR_BACKOFF_MAX);
+                continue;
+            }
+        };
+        if claimed == 0 {
+            tokio::select! {
+                _ = shared.soft.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(cfg.poll_interval) => {}
+            }
+        }
+    }
+}
+
+/// Claims from the queue's ready batches, oldest first, as much as there is room for.
+async fn claim_round(
+    shared: &Arc<Shared>,
+    processor: &Processor,
+    started: &mut HashSet<i64>,
+    outcomes: &mpsc::UnboundedSender<Outcome>,
+) -> Result<usize, tally::StoreError> {
+    let cfg = &shared.config;
+    let batches = shared.store.claimable_batches(&cfg.queue).await?;
+    let mut total = 0;
+    for batch in batches {
+        let room = shared.room.available_permits().min(cfg.claim_size);
+        if room == 0 || shared.soft.is_cancelled() {
+            break;
+        }
+        let records = shared
+            .store
+            .claim(batch.id, room as i64, &cfg.worker_id, cfg.lease)
+            .await?;
+        if records.is_empty() {
+            continue;
+        }
+        if started.insert(batch.id) {
+            shared.store.mark_started(batch.id).await?;
+        }
+        total += records.len();
+        // Room was checked above and only this loop takes it: this cannot wait.
+        if let Ok(permit) = shared.room.try_acquire_many(records.len() as u32) {
+            permit.forget();
+        }
+        if let Ok(mut map) = shared.in_flight.lock() {
+            map.extend(records.iter().map(|r| (r.id, r.attempt)));
+        }
+        dispatch(shared, processor, Arc::new(batch), records, outcomes);
+    }
+    Ok(total)
+}
+
+fn dispatch(
+    shared: &Arc<Shared>,
+    processor: &Processor,
+    batch: Arc<ClaimableBatch>,
+    records: Vec<ClaimedRecord>,
+    outcomes: &mpsc::UnboundedSender<Outcome>,
+) {
+    match processor {
+        Processor::Handler(handler) => {
+            for record in records {
+                let (shared, handler, batch, outcomes) = (
+                    shared.clone(),
+                    handler.clone(),
+                    batch.clone(),
+                    outcomes.clone(),
+                );
+                tokio::spawn(async move {
+                    let Some(_permit) = start_or_release(&shared, &[&record]).await else {
+                        return;
+                    };
+                    let ctx = RecordContext {
+                        idempotency_key: RecordContext::idempotency_key_for(
+                            &batch.name,
+                            &record.record_id,
+                        ),
+                        batch: batch.name.clone(),
+                        record_id: record.record_id.clone(),
+                        attempt: record.attempt,
+                        cancel: shared.hard.child_token(),
+                    };
+                    let result = tokio::select! {
+                        r = handler.handle(&ctx, &record.payload) => r,
+                        _ = shared.hard.cancelled() => return,
+                    };
+                    let outcome = match result {
+                        Ok(()) => Outcome {
+                            id: record.id,
+                            attempt: record.attempt,
+                            state: RecordState::Complete,
+                            error: None,
+                            retry_in: Duration::ZERO,
+                        },
+                        Err(e) => failure_outcome(&batch, &record, e),
+                    };
+                    let _ = outcomes.send(outcome);
+                });
+            }
+        }
+        Processor::Sql {
+            statement,
+            chunk_size,
+        } => {
+            for chunk in records.chunks((*chunk_size).max(1)) {
+                let (shared, statement, batch, chunk) = (
+                    shared.clone(),
+                    statement.clone(),
+                    batch.clone(),
+                    chunk.to_vec(),
+                );
+                tokio::spawn(async move {
+                    let refs: Vec<&ClaimedRecord> = chunk.iter().collect();
+                    let Some(_permit) = start_or_release(&shared, &refs).await else {
+                        return;
+                    };
+                    run_sql_chunk(&shared, &statement, &batch, &chunk).await;
+                });
+            }
+        }
+    }
+}
+
+/// Waits for a handler slot; if the worker is stopping first, gives the rows back unstarted.
+async fn start_or_release(
+    shared: &Arc<Shared>,
+    records: &[&ClaimedRecord],
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    tokio::select! {
+        biased;
+        _ = shared.soft.cancelled() => {}
+        permit = shared.handlers.clone().acquire_owned() => {
+            if let Ok(permit) = permit {
+                if !shared.soft.is_cancelled() {
+                    return Some(permit);
+                }
+            }
+        }
+    }
+    let held: Vec<(i64, i32)> = records.iter().map(|r| (r.id, r.attempt)).collect();
+    match shared.store.release(&held, &shared.config.worker_id).await {
+        Ok(n) => {
+            shared.counters.released.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!("could not release unstarted rows ({e}); their leases will expire")
+        }
+    }
+    shared.forget(held.iter().map(|h| h.0));
+    None
+}
+
+/// Retry with backoff while attempts remain, else fail; permanent errors fail at once.
+fn failure_outcome(batch: &ClaimableBatch, record: &ClaimedRecord, error: HandlerError) -> Outcome {
+    let (state, message, retry_in) = match error {
+        HandlerError::Permanent { message } => (RecordState::Failed, message, Duration::ZERO),
+        HandlerError::Retryable { message, .. } if record.attempt >= batch.max_attempts => (
+            RecordState::Failed,
+            format!(
+                "{message} (attempts exhausted: {} of {})",
+                record.attempt, batch.max_attempts
+            ),
+            Duration::ZERO,
+        ),
+        HandlerError::Retryable {
+            message,
+            retry_after,
+        } => (
+            RecordState::Pending,
+            message,
+            retry_after.unwrap_or_else(|| {
+                full_jitter(record.attempt, batch.backoff_base, batch.backoff_max)
+            }),
+        ),
+    };
+    Outcome {
+        id: record.id,
+        attempt: record.attempt,
+        state,
+        error: Some(message),
+        retry_in,
+    }
+}
+
+async fn run_sql_chunk(
+    shared: &Arc<Shared>,
+    statement: &str,
+    batch: &ClaimableBatch,
+    chunk: &[ClaimedRecord],
+) {
+    let owner = &shared.config.worker_id;
+    let mut delay = ERROR_BACKOFF_MIN;
+    loop {
+        let result = shared
+            .store
+            .run_transactional(&batch.name, chunk, owner, statement, |record, failure| {
+                let error = if failure.retryable {
+                    HandlerError::retryable(failure.message.clone())
+                } else {
+                    HandlerError::permanent(failure.message.clone())
+                };
+                failure_outcome(batch, record, error)
+            })
+            .await;
+        match result {
+            Ok(result) => {
+                let c = &shared.counters;
+                c.completed.fetch_add(result.completed, Ordering::Relaxed);
+                for outcome in &result.failed {
+                    c.count(outcome);
+                }
+                shared.note_lost(&result.lost);
+                break;
+            }
+            // The transaction did not commit: the rows are still ours until the lease ends.
+            Err(e) if !shared.hard.is_cancelled() => {
+                tracing::warn!("SQL handler transaction failed ({e}); retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(ERROR_BACKOFF_MAX);
+            }
+            Err(_) => break,
+        }
+    }
+    shared.forget(chunk.iter().map(|r| r.id));
+}
+
+/// Writes handler outcomes in batches. A write that fails is retried: the fence makes a
+/// late write harmless, and until it lands the rows stay leased to this worker.
+async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
+    let owner = shared.config.worker_id.clone();
+    let mut buffer: Vec<Outcome> = Vec::with_capacity(FLUSH_MAX);
+    while let Some(first) = rx.recv().await {
+        buffer.push(first);
+        let deadline = tokio::time::Instant::now() + FLUSH_LINGER;
+        while buffer.len() < FLUSH_MAX {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(o)) => buffer.push(o),
+                _ => break,
+            }
+        }
+        let mut delay = ERROR_BACKOFF_MIN;
+        let written = loop {
+            match shared.store.finish(&buffer, &owner).await {
+                Ok(written) => break Some(written),
+                Err(e) if !shared.hard.is_cancelled() => {
+                    tracing::warn!("recording {} outcomes failed ({e}); retrying", buffer.len());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(ERROR_BACKOFF_MAX);
+                }
+                Err(_) => break None,
+            }
+        };
+        if let Some(written) = written {
+            let written: HashSet<i64> = written.into_iter().collect();
+            let mut lost = Vec::new();
+            for outcome in &buffer {
+                if written.contains(&outcome.id) {
+                    shared.counters.count(outcome);
+                } else {
+                    lost.push(outcome.id);
+                }
+            }
+            shared.note_lost(&lost);
+        }
+        shared.forget(buffer.drain(..).map(|o| o.id));
+    }
+}
+
+/// Keeps the leases of rows still being processed, in one statement per pass.
+async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = shared.config.lease / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let held = shared.held();
+        if held.is_empty() {
+            continue;
+        }
+        match shared
+            .store
+            .renew(&held, &shared.config.worker_id, shared.config.lease)
+            .await
+        {
+            Ok(kept) if kept.len() < held.len() => {
+                tracing::debug!(
+                    asked = held.len(),
+                    kept = kept.len(),
+                    "some leases were not renewed (finished meanwhile, or lost)"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("renewing {} leases failed: {e}", held.len()),
+        }
+    }
+}
+
+/// Any live worker returns rows of dead ones once their leases expire.
+async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(shared.config.rescue_interval) => {}
+        }
+        loop {
+            match shared.store.rescue_expired(RESCUE_LIMIT).await {
+                Ok(s) => {
+                    let n = s.to_pending + s.to_failed;
+                    if n > 0 {
+                        shared.counters.rescued.fetch_add(n, Ordering::Relaxed);
+                        tracing::info!(
+                            back_to_pending = s.to_pending,
+                            failed = s.to_failed,
+                            "rescued rows with expired leases"
+                        );
+                    }
+                    if n < RESCUE_LIMIT as u64 || stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("rescue pass failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn progress_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+        }
+        let s = shared.counters.summary();
+        let done = s.completed + s.failed;
+        if done != last.1 {
+            let rate = (done - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            tracing::info!(
+                completed = s.completed,
+                failed = s.failed,
+                retried = s.retried,
+                rate = format!("{rate:.0}/s"),
+                "progress"
+            );
+        }
+        last = (Instant::now(), done);
+    }
+}
