@@ -221,6 +221,12 @@ pub enum InputError {
     /// A rejection described elsewhere, message complete as it stands.
     #[error("{0}")]
     Rejected(String),
+    /// Two records of one input share an id (found after loading, server-side).
+    #[error(
+        "line {line}: duplicate id {id:?}: an earlier record has the same id; ids must be \
+         unique within a batch"
+    )]
+    RepeatedId { line: u64, id: String },
 }
 
 impl InputError {
@@ -244,7 +250,8 @@ impl InputError {
             | InputError::MissingColumn { line, .. }
             | InputError::DuplicateColumn { line, .. }
             | InputError::FieldCount { line, .. }
-            | InputError::MalformedCsv { line, .. } => Some(*line),
+            | InputError::MalformedCsv { line, .. }
+            | InputError::RepeatedId { line, .. } => Some(*line),
         }
     }
 

@@ -46,6 +46,8 @@ pub struct ClaimedRecord {
     /// Fencing token: every write about this row must present it.
     pub attempt: i32,
     pub payload: serde_json::Value,
+    /// The lease (one per claim) that holds this row.
+    pub lease_id: i64,
 }
 
 /// A batch a worker may claim from.

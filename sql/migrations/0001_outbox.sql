@@ -25,33 +25,49 @@ create index batch_queue_ready on tally.batch (queue, id) where state = 'ready';
 
 -- No foreign key to tally.batch: its per-row check would fire once per COPY row of a
 -- 10M-record prepare. Records are only written by the store, inside the batch's lifetime.
+--
+-- Indexes are chosen so that a completion changes no indexed column and is a HOT update
+-- (no index writes): `state`, `lease_owner` and `updated_at` appear in no index. A claim
+-- changes `available_at` (non-null exactly while pending), so it leaves the claim index.
 create table tally.record (
     id               bigint generated always as identity primary key,
     batch_id         bigint not null,
     record_id        text not null,
     state            text not null default 'pending'
                      check (state in ('pending', 'running', 'complete', 'failed', 'cancelled')),
-    attempt          int not null default 0,     -- also the lease's fencing token
-    lease_owner      text,
-    lease_expires_at timestamptz,
-    available_at     timestamptz not null default now(),
+    attempt          int not null default 0,     -- the fencing token of the current claim
+    lease_owner      text,                       -- worker holding the row while running
+    available_at     timestamptz default now(),  -- claimable from then on; null unless pending
     last_error       text,
     payload          jsonb not null,
     created_at       timestamptz not null default now(),
     updated_at       timestamptz not null default now(),
-    unique (batch_id, record_id)
+    check ((state = 'pending') = (available_at is not null)),
+    check (state <> 'failed' or last_error is not null)
+) with (fillfactor = 90);
+-- Deliberately no unique index on (batch_id, record_id): every claim would insert into it
+-- again (random text keys, the costliest index). `prepare` checks uniqueness once per batch
+-- instead, in the transaction that loads it.
+--
+-- The claim reads pending rows of one batch in (available_at, id) order: rows leave this index
+-- when claimed, so it stays as small as the remaining work. Because the claim orders by the
+-- index's own key, the planner cannot prefer the primary key plus a filter, which on a
+-- freshly loaded all-pending batch would rescan every finished row on each claim.
+create index record_claim on tally.record (batch_id, available_at, id)
+    where available_at is not null;
+-- `failed` and `retry-failed` read rows that carry an error: few, unless a batch goes badly.
+create index record_errors on tally.record (batch_id, id) where last_error is not null;
+
+-- One row per claim: the lease on the rows it took. Renewing is one small update per claim,
+-- not one per record, and the rescuer finds expired claims here without an index on records.
+create table tally.lease (
+    id          bigint generated always as identity primary key,
+    owner       text not null,
+    batch_id    bigint not null,
+    expires_at  timestamptz not null,
+    record_ids  bigint[] not null
 );
--- The claim walks pending rows of one batch in id order. Rows leave this index when claimed,
--- so it stays as small as the remaining work.
-create index record_pending on tally.record (batch_id, id) where state = 'pending';
--- The rescuer finds expired leases here.
-create index record_running_lease on tally.record (lease_expires_at) where state = 'running';
--- `failed` and `retry-failed` read only failed rows.
-create index record_failed on tally.record (batch_id, id) where state = 'failed';
--- Without statistics on state the planner cannot learn that a freshly loaded batch is 100%
--- pending; with them it claims through the primary key and filters, rescanning every
--- finished row on each claim (quadratic in the batch size).
-alter table tally.record alter column state set statistics 0;
+create index lease_expiry on tally.lease (expires_at);
 
 -- Exact per-state counts, spread over a few slot rows per batch so that concurrent workers
 -- do not serialise on one counter row. Reading a batch's counts sums at most 16 x 5 rows.

@@ -9,10 +9,8 @@ update tally.record r
    set state = v.state,
        last_error = v.error,
        available_at = case when v.state = 'pending'
-                           then now() + make_interval(secs => v.delay_s)
-                           else r.available_at end,
+                           then now() + make_interval(secs => v.delay_s) end,
        lease_owner = null,
-       lease_expires_at = null,
        updated_at = now()
   from v
  where r.id = v.id and r.attempt = v.attempt and r.lease_owner = $6 and r.state = 'running'

@@ -1,21 +1,26 @@
--- Returns rows whose lease expired (their worker died or stalled) to pending, or fails them
--- when their attempts are spent. The attempt was counted at claim. $1 limit
+-- Takes up to $1 expired leases (their worker died or stalled) and returns their rows that
+-- are still running under that lease's owner to pending, or fails them when their attempts
+-- are spent. The attempt was counted at claim. Safe from several workers at once: each
+-- lease is taken by one of them.
 with expired as (
-    select id
-      from tally.record
-     where state = 'running' and lease_expires_at < now()
-     order by lease_expires_at
-     limit $1
-       for update skip locked
+    delete from tally.lease
+     where id in (select id from tally.lease
+                   where expires_at < now()
+                   order by expires_at
+                   limit $1
+                     for update skip locked)
+    returning owner, record_ids
+),
+held as (
+    select e.owner, unnest(e.record_ids) as id from expired e
 )
 update tally.record r
    set state = case when r.attempt >= b.max_attempts then 'failed' else 'pending' end,
+       available_at = case when r.attempt >= b.max_attempts then null else now() end,
        last_error = 'lease expired on attempt ' || r.attempt || ' of ' || b.max_attempts
-                    || ' (worker ' || coalesce(r.lease_owner, '?') || ')',
-       available_at = now(),
+                    || ' (worker ' || h.owner || ')',
        lease_owner = null,
-       lease_expires_at = null,
        updated_at = now()
-  from expired, tally.batch b
- where r.id = expired.id and b.id = r.batch_id
+  from held h, tally.batch b
+ where r.id = h.id and r.lease_owner = h.owner and r.state = 'running' and b.id = r.batch_id
 returning b.queue, r.state

@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 const FLUSH_MAX: usize = 1000;
 /// How long the completer waits for more outcomes before writing what it has.
 const FLUSH_LINGER: Duration = Duration::from_millis(5);
-/// Rows moved per rescue statement.
-const RESCUE_LIMIT: i64 = 1000;
+/// Expired leases (claims) taken per rescue statement.
+const RESCUE_LIMIT: i64 = 20;
+/// Rescue statements per pass, at most.
+const RESCUE_PASSES: usize = 100;
 /// Pause after a failed database call in the claim loop, doubled up to the maximum.
 const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -69,13 +71,23 @@ impl Counters {
     }
 }
 
+/// Rows claimed and not yet written back, and the leases (one per claim) holding them.
+#[derive(Default)]
+struct InFlight {
+    /// Row id -> (attempt, lease id). The attempt is the fencing token.
+    rows: HashMap<i64, (i32, i64)>,
+    /// Lease id -> rows of it still in flight.
+    leases: HashMap<i64, usize>,
+    /// Leases whose rows are all written back, to delete.
+    finished_leases: Vec<i64>,
+}
+
 /// State shared by the worker's tasks.
 struct Shared {
     store: Store,
     config: WorkerConfig,
     counters: Counters,
-    /// Rows claimed and not yet written back: id -> attempt (the fencing token).
-    in_flight: Mutex<HashMap<i64, i32>>,
+    in_flight: Mutex<InFlight>,
     /// Claimed-but-unwritten rows may not exceed this; claims wait for room.
     room: Arc<Semaphore>,
     /// Handlers (or SQL transactions) running at once.
@@ -87,22 +99,48 @@ struct Shared {
 }
 
 impl Shared {
+    fn track(&self, records: &[ClaimedRecord]) {
+        if let Ok(mut f) = self.in_flight.lock() {
+            for r in records {
+                f.rows.insert(r.id, (r.attempt, r.lease_id));
+                *f.leases.entry(r.lease_id).or_default() += 1;
+            }
+        }
+    }
+
     fn forget(&self, ids: impl IntoIterator<Item = i64>) {
         let mut n = 0;
-        if let Ok(mut map) = self.in_flight.lock() {
+        if let Ok(mut f) = self.in_flight.lock() {
             for id in ids {
-                map.remove(&id);
                 n += 1;
+                let Some((_, lease)) = f.rows.remove(&id) else {
+                    continue;
+                };
+                if let Some(left) = f.leases.get_mut(&lease) {
+                    *left -= 1;
+                    if *left == 0 {
+                        f.leases.remove(&lease);
+                        f.finished_leases.push(lease);
+                    }
+                }
             }
         }
         self.room.add_permits(n);
     }
 
-    fn held(&self) -> Vec<(i64, i32)> {
-        self.in_flight
-            .lock()
-            .map(|m| m.iter().map(|(&id, &a)| (id, a)).collect())
-            .unwrap_or_default()
+    /// Leases with rows still in flight, and the finished ones (taken).
+    fn leases(&self) -> (Vec<i64>, Vec<i64>) {
+        match self.in_flight.lock() {
+            Ok(mut f) => (
+                f.leases.keys().copied().collect(),
+                std::mem::take(&mut f.finished_leases),
+            ),
+            Err(_) => (Vec::new(), Vec::new()),
+        }
+    }
+
+    fn rows_in_flight(&self) -> usize {
+        self.in_flight.lock().map(|f| f.rows.len()).unwrap_or(0)
     }
 
     fn note_lost(&self, lost: &[i64]) {
@@ -148,7 +186,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             store: self.store,
             counters: Counters::default(),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(InFlight::default()),
             room: Arc::new(Semaphore::new(max_outstanding)),
             handlers: Arc::new(Semaphore::new(config.concurrency)),
             soft: shutdown.clone(),
@@ -186,13 +224,21 @@ impl Worker {
         .await;
         if drained.is_err() {
             tracing::warn!(
-                in_flight = shared.held().len(),
+                in_flight = shared.rows_in_flight(),
                 "grace period over: stopping in-flight records; their leases will expire"
             );
             shared.hard.cancel();
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), completer).await;
         background.cancel();
+        let (_, finished) = shared.leases();
+        if let Err(e) = shared
+            .store
+            .drop_leases(&finished, &shared.config.worker_id)
+            .await
+        {
+            tracing::debug!("dropping finished leases failed: {e}");
+        }
         while tasks.join_next().await.is_some() {}
         let summary = shared.counters.summary();
         tracing::info!(?summary, "worker stopped");
@@ -271,9 +317,7 @@ async fn claim_round(
         if let Ok(permit) = shared.room.try_acquire_many(records.len() as u32) {
             permit.forget();
         }
-        if let Ok(mut map) = shared.in_flight.lock() {
-            map.extend(records.iter().map(|r| (r.id, r.attempt)));
-        }
+        shared.track(&records);
         dispatch(shared, processor, Arc::new(batch), records, outcomes);
     }
     Ok(total)
@@ -495,32 +539,35 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
     }
 }
 
-/// Keeps the leases of rows still being processed, in one statement per pass.
+/// Keeps the leases of rows still being processed, in one statement per pass, and deletes
+/// the leases whose rows are all written back.
 async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let every = shared.config.lease / 3;
+    let owner = &shared.config.worker_id;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let held = shared.held();
-        if held.is_empty() {
+        let (active, finished) = shared.leases();
+        if let Err(e) = shared.store.drop_leases(&finished, owner).await {
+            // Harmless: the rescuer deletes them once they expire.
+            tracing::debug!("dropping finished leases failed: {e}");
+        }
+        if active.is_empty() {
             continue;
         }
         match shared
             .store
-            .renew(&held, &shared.config.worker_id, shared.config.lease)
+            .renew_leases(&active, owner, shared.config.lease)
             .await
         {
-            Ok(kept) if kept.len() < held.len() => {
-                tracing::debug!(
-                    asked = held.len(),
-                    kept = kept.len(),
-                    "some leases were not renewed (finished meanwhile, or lost)"
-                );
-            }
+            Ok(kept) if kept.len() < active.len() => tracing::warn!(
+                lost = active.len() - kept.len(),
+                "leases expired and were rescued before renewal; their rows will be refused"
+            ),
             Ok(_) => {}
-            Err(e) => tracing::warn!("renewing {} leases failed: {e}", held.len()),
+            Err(e) => tracing::warn!("renewing {} leases failed: {e}", active.len()),
         }
     }
 }
@@ -532,21 +579,19 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(shared.config.rescue_interval) => {}
         }
-        loop {
+        for _ in 0..RESCUE_PASSES {
             match shared.store.rescue_expired(RESCUE_LIMIT).await {
                 Ok(s) => {
                     let n = s.to_pending + s.to_failed;
-                    if n > 0 {
-                        shared.counters.rescued.fetch_add(n, Ordering::Relaxed);
-                        tracing::info!(
-                            back_to_pending = s.to_pending,
-                            failed = s.to_failed,
-                            "rescued rows with expired leases"
-                        );
-                    }
-                    if n < RESCUE_LIMIT as u64 || stop.is_cancelled() {
+                    if n == 0 || stop.is_cancelled() {
                         break;
                     }
+                    shared.counters.rescued.fetch_add(n, Ordering::Relaxed);
+                    tracing::info!(
+                        back_to_pending = s.to_pending,
+                        failed = s.to_failed,
+                        "rescued rows with expired leases"
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("rescue pass failed: {e}");

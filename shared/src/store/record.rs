@@ -65,6 +65,7 @@ impl Store {
                 record_id: r.get(1),
                 attempt: r.get(2),
                 payload: r.get(3),
+                lease_id: r.get(4),
             })
             .collect())
     }
@@ -79,23 +80,35 @@ impl Store {
         finish_on(&client, outcomes, owner).await
     }
 
-    /// Extends the leases `owner` still holds; returns the ids it still holds.
-    pub async fn renew(
+    /// Extends `owner`'s leases; returns the ids still in force (the others were rescued).
+    pub async fn renew_leases(
         &self,
-        held: &[(i64, i32)],
+        lease_ids: &[i64],
         owner: &str,
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
-        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
         let client = self.client().await?;
         let rows = client
             .query(
-                sql!("record_renew"),
-                &[&ids, &attempts, &owner, &lease.as_secs_f64()],
+                sql!("lease_renew"),
+                &[&lease_ids, &owner, &lease.as_secs_f64()],
             )
             .await
             .map_err(|e| StoreError::db("renewing leases", e))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Removes leases whose rows are all written back.
+    pub async fn drop_leases(&self, lease_ids: &[i64], owner: &str) -> Result<(), StoreError> {
+        if lease_ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        client
+            .execute(sql!("lease_drop"), &[&lease_ids, &owner])
+            .await
+            .map_err(|e| StoreError::db("dropping finished leases", e))?;
+        Ok(())
     }
 
     /// Gives back rows that were claimed but never started, without counting an attempt.
@@ -112,8 +125,8 @@ impl Store {
         Ok(rows.len() as u64)
     }
 
-    /// One bounded pass over expired leases; safe to run from every worker at once. Wakes the
-    /// queues that got rows back.
+    /// One bounded pass over up to `limit` expired leases (claims); safe to run from every
+    /// worker at once. Wakes the queues that got rows back.
     pub async fn rescue_expired(&self, limit: i64) -> Result<RescueSummary, StoreError> {
         let client = self.client().await?;
         let ctx = "rescuing expired leases";
