@@ -65,7 +65,10 @@ create table tally.lease (
     owner       text not null,
     batch_id    bigint not null,
     expires_at  timestamptz not null,
-    record_ids  bigint[] not null
+    record_ids  bigint[] not null,
+    -- The attempt each row was claimed at: a row claimed again since (under a newer lease)
+    -- is not this lease's to rescue.
+    attempts    int[] not null
 );
 create index lease_expiry on tally.lease (expires_at);
 

@@ -21,8 +21,8 @@ claimed as (
     returning r.id, r.record_id, r.attempt, r.payload
 ),
 lease as (
-    insert into tally.lease (owner, batch_id, expires_at, record_ids)
-    select $3, $1, now() + make_interval(secs => $4), array_agg(id)
+    insert into tally.lease (owner, batch_id, expires_at, record_ids, attempts)
+    select $3, $1, now() + make_interval(secs => $4), array_agg(id), array_agg(attempt)
       from claimed
     having count(*) > 0
     returning id

@@ -1,5 +1,5 @@
 -- Takes up to $1 expired leases (their worker died or stalled) and returns their rows that
--- are still running under that lease's owner to pending, or fails them when their attempts
+-- are still running under that lease (same owner and attempt) to pending, or fails them when their attempts
 -- are spent. The attempt was counted at claim. Safe from several workers at once: each
 -- lease is taken by one of them.
 with expired as (
@@ -9,10 +9,11 @@ with expired as (
                    order by expires_at
                    limit $1
                      for update skip locked)
-    returning owner, record_ids
+    returning owner, record_ids, attempts
 ),
 held as (
-    select e.owner, unnest(e.record_ids) as id from expired e
+    select e.owner, h.id, h.attempt
+      from expired e, unnest(e.record_ids, e.attempts) as h(id, attempt)
 )
 update tally.record r
    set state = case when r.attempt >= b.max_attempts then 'failed' else 'pending' end,
@@ -22,5 +23,6 @@ update tally.record r
        lease_owner = null,
        updated_at = now()
   from held h, tally.batch b
- where r.id = h.id and r.lease_owner = h.owner and r.state = 'running' and b.id = r.batch_id
+ where r.id = h.id and r.attempt = h.attempt and r.lease_owner = h.owner and r.state = 'running'
+   and b.id = r.batch_id
 returning b.queue, r.state

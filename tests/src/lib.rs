@@ -68,10 +68,14 @@ impl TestDb {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let client = connect(&admin).await;
+        // Two statements, two round trips: a multi-statement simple query is one implicit
+        // transaction, in which PostgreSQL refuses DROP/CREATE DATABASE.
         client
-            .batch_execute(&format!(
-                "drop database if exists \"{name}\" with (force); create database \"{name}\""
-            ))
+            .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
+            .await
+            .expect("drop leftover test database");
+        client
+            .batch_execute(&format!("create database \"{name}\""))
             .await
             .expect("create test database");
         TestDb {
@@ -232,4 +236,305 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the integration suite (tests/tests/*.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// A child process that is SIGKILLed and reaped when dropped, so that a failing (panicking)
+/// test never leaves a worker or coordinator behind.
+pub struct ChildGuard {
+    child: Option<Child>,
+    what: String,
+}
+
+impl ChildGuard {
+    pub fn new(what: &str, child: Child) -> ChildGuard {
+        ChildGuard {
+            child: Some(child),
+            what: what.to_string(),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) unless the process was already reaped.
+    pub fn signal(&mut self, sig: i32) {
+        if let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                signal(child, sig);
+            }
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The exit status if the process has ended, without waiting.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits (polling) up to `timeout` for the process to end; `None` if it is still running.
+    pub fn wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`ChildGuard::wait_timeout`], without blocking the async runtime.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Panics (after killing the process) unless it is still running: a worker that died on
+    /// its own is a failure the test should report plainly.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_wait() {
+            panic!("{} exited unexpectedly: {status}", self.what);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts a `worker` process guarded by a [`ChildGuard`].
+pub fn start_worker(url: &str, args: &[&str]) -> ChildGuard {
+    ChildGuard::new("worker", spawn_worker(url, args))
+}
+
+/// Starts `coordinator` with `args` in the background (output discarded, errors to the test's
+/// stderr), guarded by a [`ChildGuard`].
+pub fn start_coordinator(url: &str, args: &[&str]) -> ChildGuard {
+    let child = Command::new(binary("coordinator"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn coordinator");
+    ChildGuard::new("coordinator", child)
+}
+
+/// [`coordinator`] on a blocking thread, so that the test's runtime keeps serving its
+/// database connections meanwhile.
+pub async fn coordinator_async(url: &str, args: &[&str]) -> (i32, String, String) {
+    let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        coordinator(&url, &refs)
+    })
+    .await
+    .expect("coordinator task")
+}
+
+/// A batch spec with short backoffs, so that retries in tests happen quickly.
+pub fn spec(name: &str, queue: &str) -> tally::BatchSpec {
+    tally::BatchSpec {
+        name: name.to_string(),
+        queue: queue.to_string(),
+        id_field: "id".to_string(),
+        max_attempts: 5,
+        backoff_base: std::time::Duration::from_millis(10),
+        backoff_max: std::time::Duration::from_millis(100),
+    }
+}
+
+/// JSONL text of the given values, one per line.
+pub fn jsonl_bytes(records: &[serde_json::Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        out.extend_from_slice(r.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Runs a query returning one bigint (e.g. a `count(*)`).
+pub async fn query_i64(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    client
+        .query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// The internal id of a batch.
+pub async fn batch_id(client: &tokio_postgres::Client, batch: &str) -> i64 {
+    query_i64(
+        client,
+        "select id from tally.batch where name = $1",
+        &[&batch],
+    )
+    .await
+}
+
+/// Row counts of a batch by state, straight from `tally.record`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: i64,
+    pub running: i64,
+    pub complete: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+impl Counts {
+    pub fn total(&self) -> i64 {
+        self.pending + self.running + self.complete + self.failed + self.cancelled
+    }
+}
+
+/// `select state, count(*) from tally.record group by state` for one batch.
+pub async fn counts_by_state(client: &tokio_postgres::Client, batch: &str) -> Counts {
+    let rows = client
+        .query(
+            "select r.state, count(*) from tally.record r \
+               join tally.batch b on b.id = r.batch_id \
+              where b.name = $1 group by r.state",
+            &[&batch],
+        )
+        .await
+        .expect("count records by state");
+    let mut counts = Counts::default();
+    for row in rows {
+        let state: String = row.get(0);
+        let n: i64 = row.get(1);
+        match state.as_str() {
+            "pending" => counts.pending = n,
+            "running" => counts.running = n,
+            "complete" => counts.complete = n,
+            "failed" => counts.failed = n,
+            "cancelled" => counts.cancelled = n,
+            other => panic!("unknown record state {other:?}"),
+        }
+    }
+    counts
+}
+
+/// Guarantee 7: the counts `batch_status` reports equal a `COUNT(*)` by state. Returns them.
+pub async fn assert_counts_exact(
+    store: &Store,
+    client: &tokio_postgres::Client,
+    batch: &str,
+) -> Counts {
+    let status = store
+        .batch_status(Some(batch))
+        .await
+        .unwrap_or_else(|e| panic!("status of {batch}: {e}"));
+    assert_eq!(status.len(), 1, "one status for batch {batch}");
+    let s = &status[0];
+    let reported = Counts {
+        pending: s.pending,
+        running: s.running,
+        complete: s.complete,
+        failed: s.failed,
+        cancelled: s.cancelled,
+    };
+    let actual = counts_by_state(client, batch).await;
+    assert_eq!(
+        reported, actual,
+        "batch {batch}: counts reported by batch_status (left) differ from COUNT(*) by state (right)"
+    );
+    assert_eq!(s.total, actual.total(), "batch {batch}: total");
+    actual
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Makes the lease holding record row `row_id` expired (one second ago), whichever way the
+/// schema keeps leases: a `tally.lease` row per claim, or `lease_expires_at` on the record.
+/// Returns how many lease rows were changed.
+pub async fn backdate_lease(client: &tokio_postgres::Client, row_id: i64) -> u64 {
+    let lease_table = query_i64(
+        client,
+        "select count(*) from pg_tables where schemaname = 'tally' and tablename = 'lease'",
+        &[],
+    )
+    .await
+        > 0;
+    let sql = if lease_table {
+        "update tally.lease set expires_at = now() - interval '1 second' where $1 = any(record_ids)"
+    } else {
+        "update tally.record set lease_expires_at = now() - interval '1 second' where id = $1"
+    };
+    client
+        .execute(sql, &[&row_id])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Rows in `tally.lease` (one per claim still held), or `None` when the schema keeps leases on
+/// the records instead.
+pub async fn lease_rows(client: &tokio_postgres::Client) -> Option<i64> {
+    let lease_table = query_i64(
+        client,
+        "select count(*) from pg_tables where schemaname = 'tally' and tablename = 'lease'",
+        &[],
+    )
+    .await
+        > 0;
+    if !lease_table {
+        return None;
+    }
+    Some(query_i64(client, "select count(*) from tally.lease", &[]).await)
 }

@@ -74,8 +74,9 @@ impl Counters {
 /// Rows claimed and not yet written back, and the leases (one per claim) holding them.
 #[derive(Default)]
 struct InFlight {
-    /// Row id -> (attempt, lease id). The attempt is the fencing token.
-    rows: HashMap<i64, (i32, i64)>,
+    /// (row id, attempt) -> lease id. A row retried and claimed again before its earlier
+    /// outcome was forgotten has two entries, one per attempt.
+    rows: HashMap<(i64, i32), i64>,
     /// Lease id -> rows of it still in flight.
     leases: HashMap<i64, usize>,
     /// Leases whose rows are all written back, to delete.
@@ -102,18 +103,19 @@ impl Shared {
     fn track(&self, records: &[ClaimedRecord]) {
         if let Ok(mut f) = self.in_flight.lock() {
             for r in records {
-                f.rows.insert(r.id, (r.attempt, r.lease_id));
+                f.rows.insert((r.id, r.attempt), r.lease_id);
                 *f.leases.entry(r.lease_id).or_default() += 1;
             }
         }
     }
 
-    fn forget(&self, ids: impl IntoIterator<Item = i64>) {
+    /// Done with these claimed rows (by id and attempt): frees their room.
+    fn forget(&self, rows: impl IntoIterator<Item = (i64, i32)>) {
         let mut n = 0;
         if let Ok(mut f) = self.in_flight.lock() {
-            for id in ids {
+            for row in rows {
                 n += 1;
-                let Some((_, lease)) = f.rows.remove(&id) else {
+                let Some(lease) = f.rows.remove(&row) else {
                     continue;
                 };
                 if let Some(left) = f.leases.get_mut(&lease) {
@@ -419,7 +421,7 @@ async fn start_or_release(
             tracing::warn!("could not release unstarted rows ({e}); their leases will expire")
         }
     }
-    shared.forget(held.iter().map(|h| h.0));
+    shared.forget(held.iter().copied());
     None
 }
 
@@ -494,7 +496,7 @@ async fn run_sql_chunk(
             Err(_) => break,
         }
     }
-    shared.forget(chunk.iter().map(|r| r.id));
+    shared.forget(chunk.iter().map(|r| (r.id, r.attempt)));
 }
 
 /// Writes handler outcomes in batches. A write that fails is retried: the fence makes a
@@ -535,7 +537,7 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
             }
             shared.note_lost(&lost);
         }
-        shared.forget(buffer.drain(..).map(|o| o.id));
+        shared.forget(buffer.drain(..).map(|o| (o.id, o.attempt)));
     }
 }
 
