@@ -29,6 +29,7 @@
 #   DATABASE_URL          admin URL (a role that can CREATE DATABASE); default: scripts/pg-up.sh
 #   TALLY_BENCH_DB        database to recreate (default tally_bench; dropped WITH (FORCE))
 #   TALLY_BENCH_CONCURRENCY  --concurrency of each worker (default 64)
+#   TALLY_BENCH_CLAIM        --claim-size of each worker (default 3000: fewer, larger claims)
 #   TALLY_BENCH_TIMEOUT   seconds allowed per phase (default 1800)
 #   TALLY_BENCH_SHARED    directory of the shared benchmarks (default <repo>/../shared/bench)
 #   TMPDIR                input files, binaries snapshot and logs go to ${TMPDIR:-/tmp}/tally-bench
@@ -64,6 +65,7 @@ WORKERS="${2:-2}"
 DB="${TALLY_BENCH_DB:-tally_bench}"
 [[ "$DB" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || { echo "$PROG: bad TALLY_BENCH_DB '$DB'" >&2; exit 64; }
 CONCURRENCY="${TALLY_BENCH_CONCURRENCY:-64}"
+CLAIM="${TALLY_BENCH_CLAIM:-3000}"
 PHASE_TIMEOUT="${TALLY_BENCH_TIMEOUT:-1800}"
 WORK="${TMPDIR:-/tmp}/tally-bench"
 RUN_DIR="$WORK/run-$(date +%Y%m%d-%H%M%S)-$$"
@@ -233,7 +235,7 @@ admin_psql -c "set client_min_messages = warning" -c "drop database if exists \"
     die "cannot recreate database $DB"
 run_bounded 300 "$BIN/coordinator" --database-url "$BENCH_URL" migrate >&2 || die "coordinator migrate failed"
 
-echo "INFO tally_rev=$REV N=$N workers=$WORKERS concurrency=$CONCURRENCY db=$DB compare=$COMPARE run_dir=$RUN_DIR"
+echo "INFO tally_rev=$REV N=$N workers=$WORKERS concurrency=$CONCURRENCY claim=$CLAIM db=$DB compare=$COMPARE run_dir=$RUN_DIR"
 echo "INFO $(Q "select 'server=' || split_part(version(), ' ', 2) || ' ' || string_agg(name || '=' || setting || coalesce(unit,''), ' ' order by name) from pg_settings where name in ('shared_buffers','synchronous_commit','fsync','max_wal_size','autovacuum','wal_sync_method','max_connections')")"
 echo "INFO cpus=$(nproc) mem=$(free -g | awk '/Mem:/{print $2}')GiB loadavg=$(cut -d' ' -f1-3 /proc/loadavg | tr ' ' ,)"
 
@@ -300,7 +302,7 @@ prepare_phase prepare_query tally_prepare_query bench-query --queue bench-q \
 # 5. process
 # ---------------------------------------------------------------------------
 
-phase "process: $WORKERS x worker --queue bench --handler noop --concurrency $CONCURRENCY"
+phase "process: $WORKERS x worker --queue bench --handler noop --concurrency $CONCURRENCY --claim-size $CLAIM"
 checkpoint
 before="$(table_stats tally.record)"
 count_before="$(table_stats tally.batch_count)"
@@ -309,7 +311,7 @@ sleep 0.2
 t0=$(now_s)
 for ((w = 1; w <= WORKERS; w++)); do
     NO_COLOR=1 timeout -k 10 $((PHASE_TIMEOUT + 120)) "$BIN/worker" --database-url "$BENCH_URL" --queue bench \
-        --handler noop --concurrency "$CONCURRENCY" --worker-id "bench-w$w" \
+        --handler noop --concurrency "$CONCURRENCY" --claim-size "$CLAIM" --worker-id "bench-w$w" \
         </dev/null >"$LOGS/worker-$w.log" 2>&1 &
     WORKER_TPIDS+=("$!")
 done

@@ -44,7 +44,7 @@ create table tally.record (
     updated_at       timestamptz not null default now(),
     check ((state = 'pending') = (available_at is not null)),
     check (state <> 'failed' or last_error is not null)
-) with (fillfactor = 90);
+) with (fillfactor = 50);
 -- Deliberately no unique index on (batch_id, record_id): every claim would insert into it
 -- again (random text keys, the costliest index). `prepare` checks uniqueness once per batch
 -- instead, in the transaction that loads it.

@@ -532,13 +532,18 @@ async fn find_duplicate(
     else {
         return Ok(None);
     };
-    let second: i64 = row.get(1);
+    let record_id: String = row.get(0);
+    let second: i64 = tx
+        .query_one(sql!("batch_duplicate_row"), &[&id, &record_id])
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?
+        .get(0);
     let ordinal: i64 = tx
         .query_one(sql!("batch_row_ordinal"), &[&id, &second])
         .await
         .map_err(|e| StoreError::db(ctx, e))?
         .get(0);
-    Ok(Some((row.get(0), ordinal.max(0) as u64)))
+    Ok(Some((record_id, ordinal.max(0) as u64)))
 }
 
 fn hash_all<R: Read>(input: R) -> Result<String, StoreError> {
