@@ -12,6 +12,9 @@ pub enum StoreError {
         target: String,
         reason: String,
         hint: &'static str,
+        /// The server may well answer later (down, restarting, out of slots), as opposed to
+        /// refusing these credentials or this database.
+        transient: bool,
     },
     #[error("database {target} has no Tally schema: run `coordinator migrate` first")]
     SchemaMissing { target: String },
@@ -49,6 +52,17 @@ impl StoreError {
             message: describe_pg_error(&err),
             code: err.code().map(|c| c.code().to_string()),
         }
+    }
+
+    /// Worth retrying later: the server could not be reached or had no room.
+    pub fn is_transient_connect(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Connect {
+                transient: true,
+                ..
+            }
+        )
     }
 
     /// The SQLSTATE of a database error, if any.

@@ -9,6 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+/// Backoff between connection attempts while the database is unreachable.
+const CONNECT_RETRY_MIN: Duration = Duration::from_millis(250);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum HandlerKind {
@@ -118,15 +121,16 @@ async fn run(args: Args) -> ExitCode {
     }
     // Claims, completions, renewals, rescue, plus one transaction per concurrent SQL chunk.
     let pool_size = config.concurrency.min(64) + 4;
-    let store = match tally::Store::connect(&args.database_url, pool_size).await {
-        Ok(store) => store,
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let store = match connect(&args.database_url, pool_size, &shutdown).await {
+        Ok(Some(store)) => store,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("worker: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
     match Worker::new(store, config, processor).run(shutdown).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(WorkerError::Config(problems)) => {
@@ -143,6 +147,30 @@ async fn run(args: Args) -> ExitCode {
             eprintln!("worker: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Connects, waiting with capped backoff while the server is unreachable (a worker may start
+/// before its database, or during a restart). `None` when stopped while waiting.
+async fn connect(
+    url: &str,
+    pool_size: usize,
+    shutdown: &CancellationToken,
+) -> Result<Option<tally::Store>, tally::StoreError> {
+    let mut delay = CONNECT_RETRY_MIN;
+    loop {
+        match tally::Store::connect(url, pool_size).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if e.is_transient_connect() => {
+                tracing::warn!("{e}; retrying in {delay:?}");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(CONNECT_RETRY_MAX);
     }
 }
 

@@ -353,7 +353,7 @@ fn dispatch(
                         batch: batch.name.clone(),
                         record_id: record.record_id.clone(),
                         attempt: record.attempt,
-                        cancel: shared.hard.child_token(),
+                        cancel: shared.hard.clone(),
                     };
                     let result = tokio::select! {
                         r = handler.handle(&ctx, &record.payload) => r,

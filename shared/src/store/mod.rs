@@ -98,18 +98,20 @@ impl Store {
     }
 
     fn connect_error(&self, err: deadpool_postgres::PoolError) -> StoreError {
-        let (reason, hint) = match &err {
+        let (reason, hint, transient) = match &err {
             deadpool_postgres::PoolError::Backend(e) => classify_connect_error(e),
             deadpool_postgres::PoolError::Timeout(_) => (
                 "timed out waiting for a connection".to_string(),
                 "check that the server is up and reachable",
+                true,
             ),
-            other => (other.to_string(), "check DATABASE_URL"),
+            other => (other.to_string(), "check DATABASE_URL", false),
         };
         StoreError::Connect {
             target: self.target.clone(),
             reason,
             hint,
+            transient,
         }
     }
 
@@ -156,16 +158,30 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
     format!("{user}@{host}:{port}/{db}")
 }
 
-fn classify_connect_error(err: &tokio_postgres::Error) -> (String, &'static str) {
+fn classify_connect_error(err: &tokio_postgres::Error) -> (String, &'static str, bool) {
     let reason = describe_pg_error(err);
-    let hint = match err.code().map(|c| c.code()) {
-        Some("28P01") | Some("28000") => "check the user and password in DATABASE_URL",
-        Some("3D000") => "create the database or fix its name in DATABASE_URL",
-        Some("53300") => "the server has no free connection slots; retry or raise max_connections",
-        _ if reason.contains("refused") || reason.contains("timed out") => {
-            "is the server running and reachable? Set --database-url or DATABASE_URL"
+    match err.code().map(|c| c.code()) {
+        Some("28P01") | Some("28000") => {
+            (reason, "check the user and password in DATABASE_URL", false)
         }
-        _ => "check --database-url / DATABASE_URL",
-    };
-    (reason, hint)
+        Some("3D000") => (
+            reason,
+            "create the database or fix its name in DATABASE_URL",
+            false,
+        ),
+        Some("53300") => (
+            reason,
+            "the server has no free connection slots; retry or raise max_connections",
+            true,
+        ),
+        Some(code) if code.starts_with("57P") => {
+            (reason, "the server is starting up or shutting down", true)
+        }
+        _ if reason.contains("refused") || reason.contains("timed out") => (
+            reason,
+            "is the server running and reachable? Set --database-url or DATABASE_URL",
+            true,
+        ),
+        _ => (reason, "check --database-url / DATABASE_URL", true),
+    }
 }
