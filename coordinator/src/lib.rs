@@ -74,6 +74,12 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
+    /// Stop workers from claiming a batch; running records finish.
+    Pause { batch: String },
+    /// Let workers claim a paused batch again.
+    Resume { batch: String },
+    /// Cancel a batch: its pending and running records become cancelled.
+    Cancel { batch: String },
     /// Send a batch's failed records back to pending.
     RetryFailed {
         batch: String,
@@ -188,6 +194,38 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
                 output::print_failed_table(&failed);
             }
             Ok(exit::OK)
+        }
+        Command::Pause { batch } => {
+            let store = connect(url, true).await?;
+            if store.pause(&batch).await? {
+                println!("batch {batch} paused: workers claim none of its records until resumed");
+                Ok(exit::OK)
+            } else {
+                Err(StoreError::Conflict(format!(
+                    "batch {batch} is not ready, so it cannot be paused (see `coordinator status {batch}`)"
+                )))
+            }
+        }
+        Command::Resume { batch } => {
+            let store = connect(url, true).await?;
+            if store.resume(&batch).await? {
+                println!("batch {batch} resumed");
+                Ok(exit::OK)
+            } else {
+                Err(StoreError::Conflict(format!("batch {batch} is not paused")))
+            }
+        }
+        Command::Cancel { batch } => {
+            let store = connect(url, true).await?;
+            match store.cancel(&batch).await? {
+                Some(n) => {
+                    println!("batch {batch} cancelled: {n} unfinished records marked cancelled");
+                    Ok(exit::OK)
+                }
+                None => Err(StoreError::Conflict(format!(
+                    "batch {batch} is not ready or paused, so it cannot be cancelled"
+                ))),
+            }
         }
         Command::RetryFailed {
             batch,

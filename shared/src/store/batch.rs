@@ -443,6 +443,66 @@ impl Store {
             .collect())
     }
 
+    /// Stops workers from claiming the batch (rows already running finish). Returns false if
+    /// it was not `ready`.
+    pub async fn pause(&self, name: &str) -> Result<bool, StoreError> {
+        self.get_batch(name).await?;
+        let client = self.client().await?;
+        let rows = client
+            .query(sql!("batch_pause"), &[&name])
+            .await
+            .map_err(|e| StoreError::db("pausing the batch", e))?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Makes a paused batch claimable again and wakes its workers. Returns false if it was not
+    /// paused.
+    pub async fn resume(&self, name: &str) -> Result<bool, StoreError> {
+        self.get_batch(name).await?;
+        let client = self.client().await?;
+        let ctx = "resuming the batch";
+        let Some(row) = client
+            .query_opt(sql!("batch_resume"), &[&name])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?
+        else {
+            return Ok(false);
+        };
+        let queue: String = row.get(0);
+        client
+            .query_one(sql!("notify_work"), &[&queue])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        Ok(true)
+    }
+
+    /// Cancels a batch: its pending and running rows become `cancelled`, in one transaction
+    /// with the batch's state. Returns how many rows were cancelled, or `None` if the batch
+    /// was not ready or paused.
+    pub async fn cancel(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.get_batch(name).await?;
+        let mut client = self.client().await?;
+        let ctx = "cancelling the batch";
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        let Some(row) = tx
+            .query_opt(sql!("batch_cancel"), &[&name])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?
+        else {
+            return Ok(None);
+        };
+        let id: i64 = row.get(0);
+        let n = tx
+            .execute(sql!("record_cancel"), &[&id])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
+        Ok(Some(n))
+    }
+
     /// Sends a batch's failed rows back to pending; returns how many. Other batches and other
     /// states are untouched, so running it twice is harmless.
     pub async fn retry_failed(&self, name: &str, reset_attempts: bool) -> Result<u64, StoreError> {

@@ -1,0 +1,92 @@
+//! pause, resume and cancel through the `coordinator` binary, with a real worker.
+
+use std::time::Duration;
+use tally_tests::{assert_counts_exact, coordinator, coordinator_with_stdin, start_worker, TestDb};
+
+fn input(n: u32) -> Vec<u8> {
+    (1..=n)
+        .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_batch_is_not_claimed_until_resumed() {
+    let db = TestDb::new("pause_resume").await;
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b", "--queue", "q", "--from-file", "-"],
+        Some(&input(2000)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = coordinator(&db.url, &["pause", "b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("paused"), "{out}");
+    let (code, _, err) = coordinator(&db.url, &["pause", "b"]);
+    assert_eq!(code, 1, "pausing twice is refused: {err}");
+
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "noop",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    // The worker polls ten times a second: long enough to have claimed, had it been allowed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let store = db.store().await;
+    let status = &store.batch_status(Some("b")).await.unwrap()[0];
+    assert_eq!(status.state, "paused");
+    assert_eq!((status.pending, status.complete), (2000, 0), "{status:?}");
+
+    let (code, out, err) = coordinator(&db.url, &["resume", "b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let client = db.client().await;
+    let counts = assert_counts_exact(&store, &client, "b").await;
+    assert_eq!(counts.complete, 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_marks_unfinished_records_and_ends_the_batch() {
+    let db = TestDb::new("cancel").await;
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b", "--queue", "q", "--from-file", "-"],
+        Some(&input(500)),
+    );
+    assert_eq!(code, 0, "{err}");
+    // Another batch of the same queue is left alone.
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", "other", "--queue", "q", "--from-file", "-"],
+        Some(&input(10)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = coordinator(&db.url, &["cancel", "b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("500 unfinished records"), "{out}");
+
+    let store = db.store().await;
+    let client = db.client().await;
+    let counts = assert_counts_exact(&store, &client, "b").await;
+    assert_eq!(counts.cancelled, 500, "{counts:?}");
+    assert_eq!(counts.pending, 0);
+    let status = &store.batch_status(Some("b")).await.unwrap()[0];
+    assert_eq!(status.state, "cancelled");
+    let other = &store.batch_status(Some("other")).await.unwrap()[0];
+    assert_eq!(other.pending, 10);
+
+    let (code, _, _) = coordinator(&db.url, &["wait", "b", "--timeout", "5s"]);
+    assert_eq!(code, 3, "a cancelled batch is finished, not complete");
+    let (code, _, err) = coordinator(&db.url, &["resume", "b"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = coordinator(&db.url, &["cancel", "nope"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}
