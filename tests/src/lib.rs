@@ -538,3 +538,188 @@ pub async fn lease_rows(client: &tokio_postgres::Client) -> Option<i64> {
     }
     Some(query_i64(client, "select count(*) from tally.lease", &[]).await)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the chaos suite (tests/tests/chaos.rs).
+// ---------------------------------------------------------------------------------------------
+
+impl TestDb {
+    /// Like [`TestDb::empty`], on the server of the admin URL `admin` (e.g. a throwaway cluster).
+    pub async fn empty_at(admin: &str, test: &str) -> TestDb {
+        let clean: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(30)
+            .collect();
+        let name = format!(
+            "tally_t_{clean}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = connect(admin).await;
+        client
+            .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
+            .await
+            .expect("drop leftover test database");
+        client
+            .batch_execute(&format!("create database \"{name}\""))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: with_database(admin, &name),
+            name,
+            admin: admin.to_string(),
+        }
+    }
+
+    /// Like [`TestDb::new`] (created and migrated), on the server of the admin URL `admin`.
+    pub async fn new_at(admin: &str, test: &str) -> TestDb {
+        let db = Self::empty_at(admin, test).await;
+        let store = db.store().await;
+        store.migrate().await.expect("migrate");
+        db
+    }
+}
+
+/// Terminates the server sessions of this database whose `application_name` is `app`
+/// (other than the caller's own). Returns how many were signalled.
+pub async fn terminate_backends(client: &tokio_postgres::Client, app: &str) -> i64 {
+    query_i64(
+        client,
+        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+          where datname = current_database() and application_name = $1 \
+            and backend_type = 'client backend' and pid <> pg_backend_pid()) t",
+        &[&app],
+    )
+    .await
+}
+
+/// A private PostgreSQL cluster started with `scripts/pg-up.sh --throwaway DIR PORT`, stopped
+/// (`--stop DIR`) and its directory removed when dropped.
+pub struct ThrowawayPg {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// Admin URL printed by pg-up.sh.
+    pub url: String,
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl ThrowawayPg {
+    /// Starts a cluster in a fresh directory under the temp dir, on a free port from
+    /// `56000 + pid % 1000` up.
+    pub fn start(tag: &str) -> ThrowawayPg {
+        let dir = std::env::temp_dir().join(format!(
+            "tally-pg-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create throwaway cluster dir");
+        let base = 56000 + (std::process::id() % 1000) as u16;
+        let port = (base..base + 200)
+            .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .expect("a free port for the throwaway cluster");
+        let out = Command::new(repo_root().join("scripts/pg-up.sh"))
+            .arg("--throwaway")
+            .arg(&dir)
+            .arg(port.to_string())
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/pg-up.sh --throwaway");
+        let mut pg = ThrowawayPg {
+            dir,
+            port,
+            url: String::new(),
+        };
+        assert!(
+            out.status.success(),
+            "pg-up.sh --throwaway failed: {}",
+            out.status
+        );
+        pg.url = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        assert!(pg.url.starts_with("postgres"), "no URL from pg-up.sh");
+        pg
+    }
+
+    /// `pg_ctl` of the newest installed major version (or on PATH).
+    fn pg_ctl() -> PathBuf {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin/pg_ctl"))
+            .filter(|p| p.exists())
+            .collect();
+        found.sort_by_key(|p| {
+            p.parent()
+                .and_then(|b| b.parent())
+                .and_then(|v| v.file_name())
+                .and_then(|v| v.to_str())
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        });
+        found.pop().unwrap_or_else(|| PathBuf::from("pg_ctl"))
+    }
+
+    /// `pg_ctl -D DIR/data -m MODE -w restart` (as the `postgres` OS user when run as root).
+    /// The server keeps its options (postmaster.opts) and logs to DIR/postgres.log.
+    pub fn restart(&self, mode: &str) {
+        let pg_ctl = Self::pg_ctl();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut cmd = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+            c
+        } else {
+            Command::new(&pg_ctl)
+        };
+        let status = cmd
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("postgres.log"))
+            .args(["-m", mode, "-w", "-t", "60", "restart"])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("run pg_ctl restart");
+        assert!(
+            status.success(),
+            "pg_ctl -m {mode} restart failed: {status}"
+        );
+    }
+}
+
+impl Drop for ThrowawayPg {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/pg-up.sh"))
+            .arg("--stop")
+            .arg(&self.dir)
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status();
+        if std::env::var_os("TALLY_KEEP_TEST_DB").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
