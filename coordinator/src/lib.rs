@@ -118,6 +118,12 @@ struct PrepareArgs {
     /// Longest retry delay.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     backoff_max: Duration,
+    /// Pause the batch once more than this many records have failed (resume lifts it).
+    #[arg(long)]
+    max_failed: Option<i64>,
+    /// Pause the batch once more than this share (0..1) of its records has failed.
+    #[arg(long)]
+    max_failed_ratio: Option<f64>,
     /// Largest accepted record, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     max_payload_bytes: usize,
@@ -247,6 +253,8 @@ async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {
         max_attempts: args.max_attempts,
         backoff_base: args.backoff_base,
         backoff_max: args.backoff_max,
+        max_failed: args.max_failed,
+        max_failed_ratio: args.max_failed_ratio,
     };
     let started = Instant::now();
     let outcome = match (args.from_file, args.from_query) {

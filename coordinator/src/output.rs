@@ -54,6 +54,9 @@ pub fn status_line(s: &BatchStatus) -> String {
     if let Some(eta) = s.eta_s {
         line.push_str(&format!(", ETA {}", duration(eta)));
     }
+    if let Some(reason) = &s.paused_reason {
+        line.push_str(&format!(" (paused: {reason})"));
+    }
     line
 }
 
@@ -91,6 +94,9 @@ pub fn print_status_table(statuses: &[BatchStatus]) {
                 .unwrap_or_else(|| "-".into()),
             s.eta_s.map(duration).unwrap_or_else(|| "-".into()),
         );
+        if let Some(reason) = &s.paused_reason {
+            println!("  {}: paused: {reason}", s.batch);
+        }
     }
 }
 

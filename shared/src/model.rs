@@ -30,6 +30,7 @@ impl RecordState {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub id: i64,
+    pub batch_id: i64,
     pub attempt: i32,
     pub state: RecordState,
     pub error: Option<String>,
@@ -41,6 +42,7 @@ pub struct Outcome {
 pub struct ClaimedRecord {
     /// Internal row id.
     pub id: i64,
+    pub batch_id: i64,
     /// The record's id within its batch.
     pub record_id: String,
     /// Fencing token: every write about this row must present it.
@@ -79,6 +81,8 @@ pub struct BatchStatus {
     pub rate_per_s: Option<f64>,
     /// Seconds left at that rate.
     pub eta_s: Option<f64>,
+    /// Why the batch is paused, when it is.
+    pub paused_reason: Option<String>,
 }
 
 impl BatchStatus {
@@ -118,6 +122,10 @@ pub struct BatchSpec {
     pub max_attempts: i32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Pause the batch once more records than this have failed.
+    pub max_failed: Option<i64>,
+    /// Pause the batch once more than this share of its records has failed.
+    pub max_failed_ratio: Option<f64>,
 }
 
 /// What one rescue pass did.
@@ -125,4 +133,6 @@ pub struct BatchSpec {
 pub struct RescueSummary {
     pub to_pending: u64,
     pub to_failed: u64,
+    /// Batches that got failed rows (to check against their failure limit).
+    pub batches_with_failures: Vec<i64>,
 }

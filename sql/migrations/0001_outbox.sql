@@ -16,6 +16,11 @@ create table tally.batch (
     max_attempts     int not null check (max_attempts between 1 and 1000),
     backoff_base_ms  bigint not null default 1000 check (backoff_base_ms >= 0),
     backoff_max_ms   bigint not null default 300000 check (backoff_max_ms >= 0),
+    -- Tolerated failures: past either limit the batch is paused with a reason, so that a
+    -- poisoned batch stops burning work. Null: no limit.
+    max_failed       bigint check (max_failed >= 0),
+    max_failed_ratio float8 check (max_failed_ratio between 0 and 1),
+    paused_reason    text,
     created_at       timestamptz not null default now(),
     ready_at         timestamptz,
     started_at       timestamptz,

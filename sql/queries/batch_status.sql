@@ -7,7 +7,8 @@ select b.name, b.queue, b.state, b.total,
        coalesce(sum(c.n) filter (where c.state = 'cancelled'), 0)::bigint as cancelled,
        extract(epoch from now() - b.started_at)::float8                    as elapsed_s,
        b.max_attempts,
-       to_char(b.created_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') as created_at
+       to_char(b.created_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') as created_at,
+       b.paused_reason
   from tally.batch b
   left join tally.batch_count c on c.batch_id = b.id
  where $1::text is null or b.name = $1

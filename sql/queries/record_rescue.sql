@@ -25,4 +25,4 @@ update tally.record r
   from held h, tally.batch b
  where r.id = h.id and r.attempt = h.attempt and r.lease_owner = h.owner and r.state = 'running'
    and b.id = r.batch_id
-returning b.queue, r.state
+returning b.queue, r.state, r.batch_id

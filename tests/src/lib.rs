@@ -376,6 +376,8 @@ pub fn spec(name: &str, queue: &str) -> tally::BatchSpec {
         max_attempts: 5,
         backoff_base: std::time::Duration::from_millis(10),
         backoff_max: std::time::Duration::from_millis(100),
+        max_failed: None,
+        max_failed_ratio: None,
     }
 }
 

@@ -90,3 +90,93 @@ async fn cancel_marks_unfinished_records_and_ends_the_batch() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_its_failure_limit_is_paused_until_resumed() {
+    let db = TestDb::new("max_failed").await;
+    let client = db.client().await;
+    client
+        .batch_execute("create table sink (n int not null check (n % 5 <> 0))")
+        .await
+        .unwrap();
+    let input: String = (1..=2000)
+        .map(|i| format!("{{\"id\":\"r{i}\",\"n\":{i}}}\n"))
+        .collect();
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &[
+            "prepare",
+            "b",
+            "--queue",
+            "q",
+            "--from-file",
+            "-",
+            "--max-failed",
+            "5",
+        ],
+        Some(input.as_bytes()),
+    );
+    assert_eq!(code, 0, "{err}");
+    // Small claims and chunks, one at a time: the pause takes effect long before the end.
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "sql",
+            "--sql",
+            "insert into sink values (($2->>'n')::int)",
+            "--concurrency",
+            "1",
+            "--claim-size",
+            "20",
+            "--sql-chunk",
+            "10",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    let store = db.store().await;
+    let paused = tally_tests::poll_until("the batch pauses", Duration::from_secs(30), || {
+        let store = store.clone();
+        async move {
+            let s = store.batch_status(Some("b")).await.unwrap().remove(0);
+            (s.state == "paused").then_some(s)
+        }
+    })
+    .await;
+    let reason = paused.paused_reason.clone().unwrap_or_default();
+    assert!(reason.contains("too many failures"), "{reason}");
+    assert!(reason.contains("5 tolerated"), "{reason}");
+    // Let in-flight work settle, then check the batch stopped burning work.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = assert_counts_exact(&store, &client, "b").await;
+    assert!(counts.failed > 5, "{counts:?}");
+    assert!(counts.pending > 1000, "work stopped early: {counts:?}");
+    let (_, out, _) = coordinator(&db.url, &["status", "b"]);
+    assert!(out.contains("too many failures"), "{out}");
+
+    let (code, out, err) = coordinator(&db.url, &["resume", "b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
+    assert_eq!(code, 3, "finished with failures: {out}{err}");
+    let counts = assert_counts_exact(&store, &client, "b").await;
+    assert_eq!((counts.complete, counts.failed), (1600, 400), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_limits_are_validated() {
+    let db = TestDb::new("max_failed_validation").await;
+    for args in [
+        &["--max-failed-ratio", "1.5"][..],
+        &["--max-failed-ratio=-0.1"][..],
+        &["--max-failed=-1"][..],
+    ] {
+        let mut all = vec!["prepare", "b", "--queue", "q", "--from-file", "-"];
+        all.extend_from_slice(args);
+        let (code, _, err) = coordinator_with_stdin(&db.url, &all, Some(b"{\"id\":\"a\"}\n"));
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains("--max-failed"), "{err}");
+    }
+}

@@ -14,6 +14,8 @@ const MIB: usize = 1 << 20;
 fn outcome(id: i64, attempt: i32, state: RecordState, error: Option<&str>) -> Outcome {
     Outcome {
         id,
+        // Only the worker reads it (to check failure limits); the store's finish does not.
+        batch_id: 0,
         attempt,
         state,
         error: error.map(str::to_string),
@@ -585,7 +587,8 @@ async fn an_expired_lease_is_fenced_off() {
         rescued,
         tally::RescueSummary {
             to_pending: 1,
-            to_failed: 0
+            to_failed: 0,
+            batches_with_failures: vec![],
         }
     );
     let r = client
@@ -750,7 +753,8 @@ async fn rescuing_an_old_claim_spares_a_row_reclaimed_since() {
         rescued,
         tally::RescueSummary {
             to_pending: 1,
-            to_failed: 0
+            to_failed: 0,
+            batches_with_failures: vec![],
         },
         "only r2 comes back"
     );
@@ -784,7 +788,8 @@ async fn a_lease_expiring_on_the_last_attempt_fails_the_record() {
         rescued,
         tally::RescueSummary {
             to_pending: 0,
-            to_failed: 1
+            to_failed: 1,
+            batches_with_failures: vec![claimed[0].batch_id],
         }
     );
     let r = client

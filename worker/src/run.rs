@@ -362,6 +362,7 @@ fn dispatch(
                     let outcome = match result {
                         Ok(()) => Outcome {
                             id: record.id,
+                            batch_id: record.batch_id,
                             attempt: record.attempt,
                             state: RecordState::Complete,
                             error: None,
@@ -450,6 +451,7 @@ fn failure_outcome(batch: &ClaimableBatch, record: &ClaimedRecord, error: Handle
     };
     Outcome {
         id: record.id,
+        batch_id: record.batch_id,
         attempt: record.attempt,
         state,
         error: Some(message),
@@ -485,6 +487,9 @@ async fn run_sql_chunk(
                     c.count(outcome);
                 }
                 shared.note_lost(&result.lost);
+                if result.failed.iter().any(|o| o.state == RecordState::Failed) {
+                    check_failure_limits(shared, &[batch.id]).await;
+                }
                 break;
             }
             // The transaction did not commit: the rows are still ours until the lease ends.
@@ -497,6 +502,17 @@ async fn run_sql_chunk(
         }
     }
     shared.forget(chunk.iter().map(|r| (r.id, r.attempt)));
+}
+
+/// Pauses batches whose failures passed their limit, so a poisoned batch stops burning work.
+async fn check_failure_limits(shared: &Shared, batch_ids: &[i64]) {
+    for &id in batch_ids {
+        match shared.store.pause_if_too_many_failed(id).await {
+            Ok(Some(reason)) => tracing::warn!(batch_id = id, "batch paused: {reason}"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(batch_id = id, "checking the failure limit failed: {e}"),
+        }
+    }
 }
 
 /// Writes handler outcomes in batches. A write that fails is retried: the fence makes a
@@ -528,14 +544,21 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
         if let Some(written) = written {
             let written: HashSet<i64> = written.into_iter().collect();
             let mut lost = Vec::new();
+            let mut failed_in = Vec::new();
             for outcome in &buffer {
                 if written.contains(&outcome.id) {
                     shared.counters.count(outcome);
+                    if outcome.state == RecordState::Failed
+                        && !failed_in.contains(&outcome.batch_id)
+                    {
+                        failed_in.push(outcome.batch_id);
+                    }
                 } else {
                     lost.push(outcome.id);
                 }
             }
             shared.note_lost(&lost);
+            check_failure_limits(&shared, &failed_in).await;
         }
         shared.forget(buffer.drain(..).map(|o| (o.id, o.attempt)));
     }
@@ -584,6 +607,7 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
         for _ in 0..RESCUE_PASSES {
             match shared.store.rescue_expired(RESCUE_LIMIT).await {
                 Ok(s) => {
+                    check_failure_limits(&shared, &s.batches_with_failures).await;
                     let n = s.to_pending + s.to_failed;
                     if n == 0 || stop.is_cancelled() {
                         break;

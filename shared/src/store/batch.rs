@@ -119,6 +119,7 @@ impl Store {
         let ctx = "creating the batch";
         let base_ms = spec.backoff_base.as_millis() as i64;
         let max_ms = spec.backoff_max.as_millis() as i64;
+        let max_failed_ratio = spec.max_failed_ratio;
         let created = client
             .query_opt(
                 sql!("batch_create"),
@@ -130,6 +131,8 @@ impl Store {
                     &spec.max_attempts,
                     &base_ms,
                     &max_ms,
+                    &spec.max_failed,
+                    &max_failed_ratio,
                 ],
             )
             .await
@@ -413,6 +416,7 @@ impl Store {
                     cancelled: row.get(8),
                     max_attempts: row.get(10),
                     created_at: row.get(11),
+                    paused_reason: row.get(12),
                     rate_per_s: rate,
                     eta_s: eta,
                 }
@@ -503,6 +507,19 @@ impl Store {
         Ok(Some(n))
     }
 
+    /// Pauses the batch if its failures passed its limit; returns the reason when it did.
+    pub async fn pause_if_too_many_failed(
+        &self,
+        batch_id: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(sql!("batch_pause_if_too_many_failed"), &[&batch_id])
+            .await
+            .map_err(|e| StoreError::db("checking the failure limit", e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// Sends a batch's failed rows back to pending; returns how many. Other batches and other
     /// states are untouched, so running it twice is harmless.
     pub async fn retry_failed(&self, name: &str, reset_attempts: bool) -> Result<u64, StoreError> {
@@ -528,6 +545,17 @@ fn validate_spec(spec: &BatchSpec) -> Result<(), StoreError> {
     validate_name("queue", &spec.queue).map_err(StoreError::Invalid)?;
     if spec.id_field.is_empty() {
         return Err(StoreError::Invalid("--id-field is empty".into()));
+    }
+    if spec.max_failed.is_some_and(|n| n < 0) {
+        return Err(StoreError::Invalid("--max-failed must be 0 or more".into()));
+    }
+    if spec
+        .max_failed_ratio
+        .is_some_and(|r| !(0.0..=1.0).contains(&r))
+    {
+        return Err(StoreError::Invalid(
+            "--max-failed-ratio must be between 0 and 1".into(),
+        ));
     }
     if !(1..=1000).contains(&spec.max_attempts) {
         return Err(StoreError::Invalid(format!(

@@ -62,6 +62,7 @@ impl Store {
             .iter()
             .map(|r| ClaimedRecord {
                 id: r.get(0),
+                batch_id,
                 record_id: r.get(1),
                 attempt: r.get(2),
                 payload: r.get(3),
@@ -138,6 +139,10 @@ impl Store {
         let mut queues: Vec<String> = Vec::new();
         for row in &rows {
             let state: &str = row.get(1);
+            let batch_id: i64 = row.get(2);
+            if state == "failed" && !summary.batches_with_failures.contains(&batch_id) {
+                summary.batches_with_failures.push(batch_id);
+            }
             if state == "pending" {
                 summary.to_pending += 1;
                 let queue: String = row.get(0);

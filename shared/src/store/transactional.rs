@@ -113,6 +113,7 @@ async fn lock_held(
 fn complete(r: &ClaimedRecord) -> Outcome {
     Outcome {
         id: r.id,
+        batch_id: r.batch_id,
         attempt: r.attempt,
         state: RecordState::Complete,
         error: None,
