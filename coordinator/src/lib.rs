@@ -76,7 +76,7 @@ enum Command {
     },
     /// Stop workers from claiming a batch; running records finish.
     Pause { batch: String },
-    /// Let workers claim a paused batch again.
+    /// Let workers claim a paused batch again, and close its queue's circuit breaker.
     Resume { batch: String },
     /// Cancel a batch: its pending and running records become cancelled.
     Cancel { batch: String },
@@ -214,11 +214,19 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
         }
         Command::Resume { batch } => {
             let store = connect(url, true).await?;
-            if store.resume(&batch).await? {
-                println!("batch {batch} resumed");
-                Ok(exit::OK)
-            } else {
-                Err(StoreError::Conflict(format!("batch {batch} is not paused")))
+            match store.resume(&batch).await? {
+                (false, false) => Err(StoreError::Conflict(format!(
+                    "batch {batch} is not paused and its queue's circuit breaker is closed"
+                ))),
+                (resumed, closed) => {
+                    if resumed {
+                        println!("batch {batch} resumed");
+                    }
+                    if closed {
+                        println!("circuit breaker of batch {batch}'s queue closed");
+                    }
+                    Ok(exit::OK)
+                }
             }
         }
         Command::Cancel { batch } => {

@@ -57,6 +57,9 @@ pub fn status_line(s: &BatchStatus) -> String {
     if let Some(reason) = &s.paused_reason {
         line.push_str(&format!(" (paused: {reason})"));
     }
+    if let Some(breaker) = &s.breaker {
+        line.push_str(&format!(" (circuit breaker {breaker})"));
+    }
     line
 }
 
@@ -96,6 +99,12 @@ pub fn print_status_table(statuses: &[BatchStatus]) {
         );
         if let Some(reason) = &s.paused_reason {
             println!("  {}: paused: {reason}", s.batch);
+        }
+        if let Some(breaker) = &s.breaker {
+            println!(
+                "  {}: circuit breaker of queue {} {breaker}",
+                s.batch, s.queue
+            );
         }
     }
 }

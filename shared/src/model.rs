@@ -83,6 +83,8 @@ pub struct BatchStatus {
     pub eta_s: Option<f64>,
     /// Why the batch is paused, when it is.
     pub paused_reason: Option<String>,
+    /// The queue's circuit breaker when it is not closed (`open until …` or `half_open`).
+    pub breaker: Option<String>,
 }
 
 impl BatchStatus {
@@ -126,6 +128,27 @@ pub struct BatchSpec {
     pub max_failed: Option<i64>,
     /// Pause the batch once more than this share of its records has failed.
     pub max_failed_ratio: Option<f64>,
+}
+
+/// What the fleet-wide circuit breaker of a queue lets a worker do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerGate {
+    /// Claim as usual.
+    Closed,
+    /// Claim a single record: this worker probes whether the downstream recovered.
+    Probe,
+    /// Claim nothing.
+    Open,
+}
+
+/// When a queue's breaker opens, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerPolicy {
+    /// Retryable failures in a row, across the fleet, that open the breaker.
+    pub threshold: i64,
+    /// First cool-down; doubled after each failed probe.
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
 }
 
 /// What one rescue pass did.

@@ -119,3 +119,105 @@ create trigger record_count_update after update on tally.record
 create trigger record_count_delete after delete on tally.record
     referencing old table as old_rows
     for each statement execute function tally.count_record_changes();
+
+-- A circuit breaker per queue, shared by the whole fleet. closed: claim freely. open: no
+-- worker claims the queue until open_until. half_open: one worker (probe_owner) tries one
+-- record; its success closes the breaker, its failure reopens it for twice as long.
+create table tally.breaker (
+    queue                text primary key,
+    state                text not null default 'closed'
+                         check (state in ('closed', 'open', 'half_open')),
+    consecutive_failures bigint not null default 0,
+    cooldown_ms          bigint not null default 0,
+    open_until           timestamptz,
+    probe_owner          text,
+    probe_started_at     timestamptz,
+    updated_at           timestamptz not null default now()
+);
+
+-- Whether `owner` may claim from `queue` now: 'closed' (claim), 'probe' (claim one record to
+-- test the waters; this owner is now the prober) or 'open' (claim nothing). A prober that
+-- has not reported within `probe_timeout_ms` is presumed dead and replaced.
+create function tally.breaker_gate(p_queue text, p_owner text, p_probe_timeout_ms bigint)
+returns text language plpgsql as $$
+declare
+    b tally.breaker;
+begin
+    select * into b from tally.breaker where queue = p_queue;
+    if not found or b.state = 'closed' then
+        return 'closed';
+    end if;
+    if (b.state = 'open' and b.open_until <= now())
+       or (b.state = 'half_open'
+           and b.probe_started_at < now() - make_interval(secs => p_probe_timeout_ms / 1000.0)) then
+        update tally.breaker
+           set state = 'half_open', probe_owner = p_owner, probe_started_at = now(),
+               updated_at = now()
+         where queue = p_queue and state = b.state
+           and coalesce(probe_started_at, 'epoch') = coalesce(b.probe_started_at, 'epoch');
+        if found then
+            return 'probe';
+        end if;
+    end if;
+    return 'open';
+end $$;
+
+-- Records what a worker saw since its last report: `p_successes` completed records and
+-- `p_failures` retryable failures (permanent ones say nothing about the downstream). Returns
+-- the breaker's state afterwards.
+create function tally.breaker_report(
+    p_queue text, p_owner text, p_successes bigint, p_failures bigint,
+    p_threshold bigint, p_cooldown_ms bigint, p_max_cooldown_ms bigint)
+returns text language plpgsql as $$
+declare
+    b tally.breaker;
+begin
+    insert into tally.breaker (queue) values (p_queue) on conflict (queue) do nothing;
+    select * into b from tally.breaker where queue = p_queue for update;
+    if b.state = 'half_open' and b.probe_owner = p_owner then
+        if p_successes > 0 then
+            update tally.breaker
+               set state = 'closed', consecutive_failures = 0, cooldown_ms = 0,
+                   open_until = null, probe_owner = null, probe_started_at = null,
+                   updated_at = now()
+             where queue = p_queue;
+            return 'closed';
+        elsif p_failures > 0 then
+            update tally.breaker
+               set state = 'open',
+                   cooldown_ms = least(greatest(b.cooldown_ms * 2, p_cooldown_ms), p_max_cooldown_ms),
+                   open_until = now() + make_interval(
+                       secs => least(greatest(b.cooldown_ms * 2, p_cooldown_ms), p_max_cooldown_ms) / 1000.0),
+                   probe_owner = null, probe_started_at = null, updated_at = now()
+             where queue = p_queue;
+            return 'open';
+        end if;
+        return b.state;
+    end if;
+    if b.state <> 'closed' then
+        return b.state;
+    end if;
+    if p_successes > 0 then
+        if b.consecutive_failures <> 0 then
+            update tally.breaker set consecutive_failures = 0, updated_at = now()
+             where queue = p_queue;
+        end if;
+        return 'closed';
+    end if;
+    if p_failures = 0 then
+        return 'closed';
+    end if;
+    if b.consecutive_failures + p_failures >= p_threshold then
+        update tally.breaker
+           set state = 'open', consecutive_failures = b.consecutive_failures + p_failures,
+               cooldown_ms = p_cooldown_ms,
+               open_until = now() + make_interval(secs => p_cooldown_ms / 1000.0),
+               updated_at = now()
+         where queue = p_queue;
+        return 'open';
+    end if;
+    update tally.breaker
+       set consecutive_failures = b.consecutive_failures + p_failures, updated_at = now()
+     where queue = p_queue;
+    return 'closed';
+end $$;

@@ -8,7 +8,10 @@ select b.name, b.queue, b.state, b.total,
        extract(epoch from now() - b.started_at)::float8                    as elapsed_s,
        b.max_attempts,
        to_char(b.created_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') as created_at,
-       b.paused_reason
+       b.paused_reason,
+       (select k.state || coalesce(' until ' || to_char(k.open_until at time zone 'UTC',
+                                       'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '')
+          from tally.breaker k where k.queue = b.queue and k.state <> 'closed') as breaker
   from tally.batch b
   left join tally.batch_count c on c.batch_id = b.id
  where $1::text is null or b.name = $1

@@ -48,6 +48,12 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a stopping worker lets in-flight records finish.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Retryable failures in a row, across the fleet, that open a queue's circuit breaker.
+pub const DEFAULT_BREAKER_THRESHOLD: i64 = 20;
+/// How long an open breaker keeps the fleet off its queue before one probe.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+/// Longest cool-down after repeated failed probes.
+pub const DEFAULT_BREAKER_MAX_COOLDOWN: Duration = Duration::from_secs(600);
 
 /// How one worker behaves.
 #[derive(Debug, Clone)]
@@ -61,6 +67,7 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     pub rescue_interval: Duration,
     pub grace_period: Duration,
+    pub breaker: tally::BreakerPolicy,
 }
 
 impl WorkerConfig {
@@ -75,6 +82,11 @@ impl WorkerConfig {
             poll_interval: DEFAULT_POLL_INTERVAL,
             rescue_interval: DEFAULT_RESCUE_INTERVAL,
             grace_period: DEFAULT_GRACE_PERIOD,
+            breaker: tally::BreakerPolicy {
+                threshold: DEFAULT_BREAKER_THRESHOLD,
+                cooldown: DEFAULT_BREAKER_COOLDOWN,
+                max_cooldown: DEFAULT_BREAKER_MAX_COOLDOWN,
+            },
         }
     }
 
@@ -101,6 +113,13 @@ impl WorkerConfig {
         }
         if self.poll_interval.is_zero() {
             problems.push("--poll-interval must be above zero".to_string());
+        }
+        if self.breaker.threshold < 1 {
+            problems.push("--breaker-threshold must be at least 1".to_string());
+        }
+        if self.breaker.max_cooldown < self.breaker.cooldown {
+            problems
+                .push("--breaker-max-cooldown must not be below --breaker-cooldown".to_string());
         }
         if self.worker_id.is_empty() || self.worker_id.len() > 200 {
             problems.push("--worker-id must be 1..=200 characters".to_string());

@@ -57,6 +57,15 @@ struct Args {
     /// Time given to in-flight records after SIGTERM.
     #[arg(long, env = "TALLY_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
     grace_period: Duration,
+    /// Retryable failures in a row, across all workers, that open the queue's circuit breaker.
+    #[arg(long, env = "TALLY_BREAKER_THRESHOLD", default_value_t = tally_worker::DEFAULT_BREAKER_THRESHOLD)]
+    breaker_threshold: i64,
+    /// How long an open breaker keeps every worker off the queue before one probe.
+    #[arg(long, env = "TALLY_BREAKER_COOLDOWN", default_value = "30s", value_parser = humantime::parse_duration)]
+    breaker_cooldown: Duration,
+    /// Longest cool-down (it doubles after each failed probe).
+    #[arg(long, env = "TALLY_BREAKER_MAX_COOLDOWN", default_value = "10m", value_parser = humantime::parse_duration)]
+    breaker_max_cooldown: Duration,
     /// Lease owner name (default: host-pid-random).
     #[arg(long, env = "TALLY_WORKER_ID")]
     worker_id: Option<String>,
@@ -98,6 +107,11 @@ async fn run(args: Args) -> ExitCode {
     config.poll_interval = args.poll_interval;
     config.rescue_interval = args.rescue_interval;
     config.grace_period = args.grace_period;
+    config.breaker = tally::BreakerPolicy {
+        threshold: args.breaker_threshold,
+        cooldown: args.breaker_cooldown,
+        max_cooldown: args.breaker_max_cooldown,
+    };
     if let Some(id) = args.worker_id {
         config.worker_id = id;
     }

@@ -2,12 +2,13 @@
 
 use crate::{listener, Processor, WorkerConfig, WorkerError};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally::backoff::full_jitter;
 use tally::{
-    ClaimableBatch, ClaimedRecord, HandlerError, Outcome, RecordContext, RecordState, Store,
+    BreakerGate, ClaimableBatch, ClaimedRecord, HandlerError, Outcome, RecordContext, RecordState,
+    Store,
 };
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -97,6 +98,10 @@ struct Shared {
     soft: CancellationToken,
     /// Stop everything now (grace period over).
     hard: CancellationToken,
+    /// This worker holds the queue's half-open breaker: its next outcome decides.
+    probing: AtomicBool,
+    /// This worker reported retryable failures and no success since.
+    breaker_dirty: AtomicBool,
 }
 
 impl Shared {
@@ -145,17 +150,29 @@ impl Shared {
         self.in_flight.lock().map(|f| f.rows.len()).unwrap_or(0)
     }
 
-    fn note_lost(&self, lost: &[i64]) {
-        if !lost.is_empty() {
-            self.counters
-                .lost
-                .fetch_add(lost.len() as u64, Ordering::Relaxed);
-            tracing::warn!(
-                count = lost.len(),
-                first = lost[0],
-                "lease lost: another worker holds these rows now; their result was not written"
-            );
+    /// Rows the fence refused. After a write that failed in transit, the refusal most likely
+    /// means that write did commit (its acknowledgement was lost), so it is not a lost lease.
+    fn note_refused(&self, refused: &[i64], after_failed_write: bool) {
+        if refused.is_empty() {
+            return;
         }
+        if after_failed_write {
+            tracing::info!(
+                count = refused.len(),
+                first = refused[0],
+                "rows no longer held after a reconnect: the earlier write most likely committed \
+                 before the connection dropped, or their leases expired; nothing was written twice"
+            );
+            return;
+        }
+        self.counters
+            .lost
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        tracing::warn!(
+            count = refused.len(),
+            first = refused[0],
+            "lease lost: these rows are no longer held by this worker; their result was not written"
+        );
     }
 }
 
@@ -193,6 +210,8 @@ impl Worker {
             handlers: Arc::new(Semaphore::new(config.concurrency)),
             soft: shutdown.clone(),
             hard: CancellationToken::new(),
+            probing: AtomicBool::new(false),
+            breaker_dirty: AtomicBool::new(false),
             config,
         });
         let background = CancellationToken::new();
@@ -297,10 +316,26 @@ async fn claim_round(
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<usize, tally::StoreError> {
     let cfg = &shared.config;
+    let cap = match shared
+        .store
+        .breaker_gate(&cfg.queue, &cfg.worker_id, cfg.lease)
+        .await?
+    {
+        BreakerGate::Closed => cfg.claim_size,
+        BreakerGate::Open => return Ok(0),
+        BreakerGate::Probe => {
+            tracing::info!(queue = %cfg.queue, "circuit breaker half-open: probing with one record");
+            shared.probing.store(true, Ordering::Relaxed);
+            1
+        }
+    };
     let batches = shared.store.claimable_batches(&cfg.queue).await?;
     let mut total = 0;
     for batch in batches {
-        let room = shared.room.available_permits().min(cfg.claim_size);
+        let room = shared
+            .room
+            .available_permits()
+            .min(cap.saturating_sub(total));
         if room == 0 || shared.soft.is_cancelled() {
             break;
         }
@@ -467,6 +502,7 @@ async fn run_sql_chunk(
 ) {
     let owner = &shared.config.worker_id;
     let mut delay = ERROR_BACKOFF_MIN;
+    let mut retrying = false;
     loop {
         let result = shared
             .store
@@ -486,15 +522,22 @@ async fn run_sql_chunk(
                 for outcome in &result.failed {
                     c.count(outcome);
                 }
-                shared.note_lost(&result.lost);
+                shared.note_refused(&result.lost, retrying);
                 if result.failed.iter().any(|o| o.state == RecordState::Failed) {
                     check_failure_limits(shared, &[batch.id]).await;
                 }
+                let retried = result
+                    .failed
+                    .iter()
+                    .filter(|o| o.state == RecordState::Pending)
+                    .count();
+                report_to_breaker(shared, result.completed, retried as u64).await;
                 break;
             }
             // The transaction did not commit: the rows are still ours until the lease ends.
             Err(e) if !shared.hard.is_cancelled() => {
                 tracing::warn!("SQL handler transaction failed ({e}); retrying in {delay:?}");
+                retrying = true;
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(ERROR_BACKOFF_MAX);
             }
@@ -515,6 +558,48 @@ async fn check_failure_limits(shared: &Shared, batch_ids: &[i64]) {
     }
 }
 
+/// Tells the queue's breaker about successes and retryable failures. Successes are worth a
+/// round trip only when they can change something: after this worker reported failures, or
+/// when it is probing.
+async fn report_to_breaker(shared: &Shared, successes: u64, retryable_failures: u64) {
+    let probing = shared.probing.load(Ordering::Relaxed);
+    let dirty = shared.breaker_dirty.load(Ordering::Relaxed);
+    if retryable_failures == 0 && !(successes > 0 && (dirty || probing)) {
+        return;
+    }
+    let cfg = &shared.config;
+    match shared
+        .store
+        .breaker_report(
+            &cfg.queue,
+            &cfg.worker_id,
+            successes as i64,
+            retryable_failures as i64,
+            &cfg.breaker,
+        )
+        .await
+    {
+        Ok(state) => {
+            shared
+                .breaker_dirty
+                .store(successes == 0 && state == "closed", Ordering::Relaxed);
+            if state != "half_open" {
+                shared.probing.store(false, Ordering::Relaxed);
+            }
+            match (probing, state.as_str()) {
+                (true, "closed") => {
+                    tracing::info!(queue = %cfg.queue, "circuit breaker closed: the probe succeeded")
+                }
+                (_, "open") => {
+                    tracing::warn!(queue = %cfg.queue, "circuit breaker open: every worker stops claiming this queue for a cool-down")
+                }
+                _ => {}
+            }
+        }
+        Err(e) => tracing::warn!("reporting to the circuit breaker failed: {e}"),
+    }
+}
+
 /// Writes handler outcomes in batches. A write that fails is retried: the fence makes a
 /// late write harmless, and until it lands the rows stay leased to this worker.
 async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outcome>) {
@@ -530,10 +615,12 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
             }
         }
         let mut delay = ERROR_BACKOFF_MIN;
+        let mut retrying = false;
         let written = loop {
             match shared.store.finish(&buffer, &owner).await {
                 Ok(written) => break Some(written),
                 Err(e) if !shared.hard.is_cancelled() => {
+                    retrying = true;
                     tracing::warn!("recording {} outcomes failed ({e}); retrying", buffer.len());
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(ERROR_BACKOFF_MAX);
@@ -557,8 +644,20 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
                     lost.push(outcome.id);
                 }
             }
-            shared.note_lost(&lost);
+            shared.note_refused(&lost, retrying);
             check_failure_limits(&shared, &failed_in).await;
+            let count = |state| {
+                buffer
+                    .iter()
+                    .filter(|o| o.state == state && written.contains(&o.id))
+                    .count() as u64
+            };
+            report_to_breaker(
+                &shared,
+                count(RecordState::Complete),
+                count(RecordState::Pending),
+            )
+            .await;
         }
         shared.forget(buffer.drain(..).map(|o| (o.id, o.attempt)));
     }

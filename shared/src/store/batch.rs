@@ -417,6 +417,7 @@ impl Store {
                     max_attempts: row.get(10),
                     created_at: row.get(11),
                     paused_reason: row.get(12),
+                    breaker: row.get(13),
                     rate_per_s: rate,
                     eta_s: eta,
                 }
@@ -459,25 +460,29 @@ impl Store {
         Ok(!rows.is_empty())
     }
 
-    /// Makes a paused batch claimable again and wakes its workers. Returns false if it was not
-    /// paused.
-    pub async fn resume(&self, name: &str) -> Result<bool, StoreError> {
-        self.get_batch(name).await?;
+    /// Makes a paused batch claimable again, closes its queue's circuit breaker if open, and
+    /// wakes its workers. Returns (batch resumed, breaker closed).
+    pub async fn resume(&self, name: &str) -> Result<(bool, bool), StoreError> {
+        let batch = self.get_batch(name).await?;
         let client = self.client().await?;
         let ctx = "resuming the batch";
-        let Some(row) = client
+        let resumed = client
             .query_opt(sql!("batch_resume"), &[&name])
             .await
             .map_err(|e| StoreError::db(ctx, e))?
-        else {
-            return Ok(false);
-        };
-        let queue: String = row.get(0);
-        client
-            .query_one(sql!("notify_work"), &[&queue])
+            .is_some();
+        let closed = client
+            .query_opt(sql!("breaker_close"), &[&batch.queue])
             .await
-            .map_err(|e| StoreError::db(ctx, e))?;
-        Ok(true)
+            .map_err(|e| StoreError::db(ctx, e))?
+            .is_some();
+        if resumed || closed {
+            client
+                .query_one(sql!("notify_work"), &[&batch.queue])
+                .await
+                .map_err(|e| StoreError::db(ctx, e))?;
+        }
+        Ok((resumed, closed))
     }
 
     /// Cancels a batch: its pending and running rows become `cancelled`, in one transaction

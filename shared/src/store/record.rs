@@ -2,7 +2,9 @@
 
 use super::{sql, Store};
 use crate::error::StoreError;
-use crate::model::{ClaimableBatch, ClaimedRecord, Outcome, RescueSummary};
+use crate::model::{
+    BreakerGate, BreakerPolicy, ClaimableBatch, ClaimedRecord, Outcome, RescueSummary,
+};
 use std::time::Duration;
 
 impl Store {
@@ -27,6 +29,59 @@ impl Store {
                 backoff_max: Duration::from_millis(r.get::<_, i64>(4).max(0) as u64),
             })
             .collect())
+    }
+
+    /// Asks the queue's circuit breaker whether `owner` may claim now. A prober silent for
+    /// longer than `probe_timeout` is replaced.
+    pub async fn breaker_gate(
+        &self,
+        queue: &str,
+        owner: &str,
+        probe_timeout: Duration,
+    ) -> Result<BreakerGate, StoreError> {
+        let client = self.client().await?;
+        let timeout_ms = probe_timeout.as_millis() as i64;
+        let state: String = client
+            .query_one(sql!("breaker_gate"), &[&queue, &owner, &timeout_ms])
+            .await
+            .map_err(|e| StoreError::db("asking the circuit breaker", e))?
+            .get(0);
+        Ok(match state.as_str() {
+            "closed" => BreakerGate::Closed,
+            "probe" => BreakerGate::Probe,
+            _ => BreakerGate::Open,
+        })
+    }
+
+    /// Tells the queue's breaker what `owner` saw; returns its state afterwards.
+    pub async fn breaker_report(
+        &self,
+        queue: &str,
+        owner: &str,
+        successes: i64,
+        retryable_failures: i64,
+        policy: &BreakerPolicy,
+    ) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        let cooldown_ms = policy.cooldown.as_millis() as i64;
+        let max_ms = policy.max_cooldown.as_millis() as i64;
+        let state: String = client
+            .query_one(
+                sql!("breaker_report"),
+                &[
+                    &queue,
+                    &owner,
+                    &successes,
+                    &retryable_failures,
+                    &policy.threshold,
+                    &cooldown_ms,
+                    &max_ms,
+                ],
+            )
+            .await
+            .map_err(|e| StoreError::db("reporting to the circuit breaker", e))?
+            .get(0);
+        Ok(state)
     }
 
     /// Notes the first claim of a batch (the start of its rate and ETA).
