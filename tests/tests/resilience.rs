@@ -1,0 +1,147 @@
+//! A poison record and a handler slower than its lease, with real worker processes.
+
+use tally_tests::{
+    assert_counts_exact, coordinator, coordinator_with_stdin, query_i64, start_worker, TestDb,
+};
+
+fn records(n: u32) -> Vec<u8> {
+    (1..=n)
+        .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_fails_after_its_attempts_without_delaying_the_rest() {
+    let db = TestDb::new("poison").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "create table sink (record_id text not null);
+             -- r7 always fails, with an error that is worth retrying.
+             create function deliver(id text) returns boolean language plpgsql as $$
+             begin
+                 if id = 'r7' then
+                     raise exception 'downstream rejects %', id using errcode = '40001';
+                 end if;
+                 return true;
+             end $$;",
+        )
+        .await
+        .unwrap();
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &[
+            "prepare",
+            "b",
+            "--queue",
+            "q",
+            "--from-file",
+            "-",
+            "--max-attempts",
+            "3",
+            "--backoff-base",
+            "10ms",
+            "--backoff-max",
+            "20ms",
+        ],
+        Some(&records(2000)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "sql",
+            "--sql",
+            "insert into sink select $1 where deliver($1)",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
+    assert_eq!(code, 3, "finished with one failure: {out}{err}");
+    let store = db.store().await;
+    let counts = assert_counts_exact(&store, &client, "b").await;
+    assert_eq!((counts.complete, counts.failed), (1999, 1), "{counts:?}");
+    let failed = store.failed_records("b", 10).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].record_id, "r7");
+    assert_eq!(failed[0].attempts, 3);
+    assert!(
+        failed[0].last_error.contains("downstream rejects r7")
+            && failed[0].last_error.contains("attempts exhausted"),
+        "{}",
+        failed[0].last_error
+    );
+    // Its neighbours (in the same chunks) went through on their first attempt.
+    let retried = query_i64(
+        &client,
+        "select count(*) from tally.record where record_id <> 'r7' and attempt <> 1",
+        &[],
+    )
+    .await;
+    assert_eq!(retried, 0);
+    assert_eq!(
+        query_i64(&client, "select count(*) from sink", &[]).await,
+        1999
+    );
+    let breaker = query_i64(
+        &client,
+        "select count(*) from tally.breaker where state <> 'closed'",
+        &[],
+    )
+    .await;
+    assert_eq!(breaker, 0, "one poison record does not open the breaker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_the_lease_keeps_its_rows_by_renewal() {
+    let db = TestDb::new("slow_handler").await;
+    let client = db.client().await;
+    client
+        .batch_execute("create table sink (record_id text not null)")
+        .await
+        .unwrap();
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b", "--queue", "q", "--from-file", "-"],
+        Some(&records(4)),
+    );
+    assert_eq!(code, 0, "{err}");
+    // Each record takes 1.5 s under a 1 s lease; two workers rescue eagerly.
+    let args = [
+        "--queue",
+        "q",
+        "--handler",
+        "sql",
+        "--sql",
+        "insert into sink select $1 from pg_sleep(1.5)",
+        "--concurrency",
+        "1",
+        "--sql-chunk",
+        "1",
+        "--lease",
+        "1s",
+        "--rescue-interval",
+        "200ms",
+        "--poll-interval",
+        "100ms",
+    ];
+    let _w1 = start_worker(&db.url, &args);
+    let _w2 = start_worker(&db.url, &args);
+    let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let sink = query_i64(&client, "select count(*) from sink", &[]).await;
+    let distinct = query_i64(&client, "select count(distinct record_id) from sink", &[]).await;
+    assert_eq!((sink, distinct), (4, 4), "each record processed once");
+    let again = query_i64(
+        &client,
+        "select count(*) from tally.record where attempt <> 1 or last_error is not null",
+        &[],
+    )
+    .await;
+    assert_eq!(again, 0, "no lease expired, no record was processed twice");
+}
