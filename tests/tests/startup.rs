@@ -71,3 +71,65 @@ async fn worker_gives_up_on_a_missing_database_and_works_on_a_real_one() {
     let status = worker.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
+
+/// A free TCP port on 127.0.0.1 (released before use; fine for a test).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `GET path` on 127.0.0.1:port; the status code, or `None` when nothing answers yet.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn status_when_up(port: u16, path: &str) -> u16 {
+    tally_tests::poll_until(
+        "the health endpoint answers",
+        Duration::from_secs(10),
+        || async { http_status(port, path) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_report_live_but_not_ready_without_a_database() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _worker = tally_tests::start_worker(
+        "postgres://postgres@127.0.0.1:1/nowhere",
+        &["--queue", "q", "--handler", "noop", "--listen", &listen],
+    );
+    assert_eq!(status_when_up(port, "/healthz").await, 200);
+    assert_eq!(status_when_up(port, "/readyz").await, 503);
+    assert_eq!(status_when_up(port, "/nope").await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_report_ready_when_connected() {
+    let db = TestDb::new("health_ready").await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _worker = tally_tests::start_worker(
+        &db.url,
+        &["--queue", "q", "--handler", "noop", "--listen", &listen],
+    );
+    assert_eq!(status_when_up(port, "/healthz").await, 200);
+    // Panics unless /readyz answers 200 within the deadline.
+    tally_tests::poll_until("the worker is ready", Duration::from_secs(10), || async {
+        (http_status(port, "/readyz") == Some(200)).then_some(())
+    })
+    .await;
+}

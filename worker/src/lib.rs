@@ -25,9 +25,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod health;
 mod listener;
 mod run;
 
+pub use health::Health;
 pub use run::{RunSummary, Worker};
 pub use tally::{Handler, HandlerError, RecordContext};
 

@@ -4,7 +4,7 @@ use clap::{Parser, ValueEnum};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tally_worker::{NoopHandler, Processor, Worker, WorkerConfig, WorkerError};
+use tally_worker::{Health, NoopHandler, Processor, Worker, WorkerConfig, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
@@ -66,6 +66,10 @@ struct Args {
     /// Longest cool-down (it doubles after each failed probe).
     #[arg(long, env = "TALLY_BREAKER_MAX_COOLDOWN", default_value = "10m", value_parser = humantime::parse_duration)]
     breaker_max_cooldown: Duration,
+    /// Serve /healthz (the loop runs) and /readyz (connected, not draining) on this address,
+    /// e.g. 0.0.0.0:9464. Off unless given.
+    #[arg(long, env = "TALLY_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
     /// Lease owner name (default: host-pid-random).
     #[arg(long, env = "TALLY_WORKER_ID")]
     worker_id: Option<String>,
@@ -137,7 +141,25 @@ async fn run(args: Args) -> ExitCode {
     let pool_size = config.concurrency.min(64) + 4;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let store = match connect(&args.database_url, pool_size, &shutdown).await {
+    let health = Health::new();
+    let http_stop = CancellationToken::new();
+    if let Some(addr) = args.listen {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("worker: cannot listen on --listen {addr}: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let (health, stop) = (health.clone(), http_stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tally_worker::health::serve(listener, health, stop).await {
+                tracing::warn!("health endpoints stopped: {e}");
+            }
+        });
+    }
+    let _stop_http = http_stop.drop_guard();
+    let store = match connect(&args.database_url, pool_size, &shutdown, &health).await {
         Ok(Some(store)) => store,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
@@ -145,7 +167,11 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match Worker::new(store, config, processor).run(shutdown).await {
+    match Worker::new(store, config, processor)
+        .with_health(health)
+        .run(shutdown)
+        .await
+    {
         Ok(_) => ExitCode::SUCCESS,
         Err(WorkerError::Config(problems)) => {
             for p in &problems {
@@ -170,12 +196,14 @@ async fn connect(
     url: &str,
     pool_size: usize,
     shutdown: &CancellationToken,
+    health: &Health,
 ) -> Result<Option<tally::Store>, tally::StoreError> {
     let mut delay = CONNECT_RETRY_MIN;
     loop {
         match tally::Store::connect(url, pool_size).await {
             Ok(store) => return Ok(Some(store)),
             Err(e) if e.is_transient_connect() => {
+                health.set_connected(false);
                 tracing::warn!("{e}; retrying in {delay:?}");
             }
             Err(e) => return Err(e),

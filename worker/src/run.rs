@@ -1,6 +1,6 @@
 //! The claim loop and its helpers: dispatch, batched completion, lease renewal, rescue, drain.
 
-use crate::{listener, Processor, WorkerConfig, WorkerError};
+use crate::{listener, Health, Processor, WorkerConfig, WorkerError};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,7 @@ struct Shared {
     probing: AtomicBool,
     /// This worker reported retryable failures and no success since.
     breaker_dirty: AtomicBool,
+    health: Arc<Health>,
 }
 
 impl Shared {
@@ -181,6 +182,7 @@ pub struct Worker {
     store: Store,
     config: WorkerConfig,
     processor: Processor,
+    health: Arc<Health>,
 }
 
 impl Worker {
@@ -189,7 +191,14 @@ impl Worker {
             store,
             config,
             processor,
+            health: Health::new(),
         }
+    }
+
+    /// Reports liveness and readiness to `health` (e.g. one already served on `/readyz`).
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = health;
+        self
     }
 
     /// Runs until `shutdown` fires, then stops claiming, lets in-flight records finish within
@@ -212,6 +221,7 @@ impl Worker {
             hard: CancellationToken::new(),
             probing: AtomicBool::new(false),
             breaker_dirty: AtomicBool::new(false),
+            health: self.health.clone(),
             config,
         });
         let background = CancellationToken::new();
@@ -235,7 +245,9 @@ impl Worker {
             concurrency = shared.config.concurrency,
             "worker started"
         );
+        shared.health.set_connected(true);
         claim_loop(&shared, &self.processor, &wake, outcomes_tx).await;
+        shared.health.set_draining();
 
         // Drain: wait for every claimed row to be written back, within the grace period.
         let drained = tokio::time::timeout(
@@ -282,13 +294,20 @@ async fn claim_loop(
         tokio::select! {
             _ = shared.soft.cancelled() => return,
             permit = shared.room.acquire_many(min_room) => drop(permit),
+            // Busy with slow records: still alive.
+            _ = tokio::time::sleep(cfg.poll_interval) => {
+                shared.health.beat();
+                continue;
+            }
         }
         let claimed = match claim_round(shared, processor, &mut started, &outcomes).await {
             Ok(n) => {
+                shared.health.set_connected(true);
                 error_delay = ERROR_BACKOFF_MIN;
                 n
             }
             Err(e) => {
+                shared.health.set_connected(false);
                 tracing::warn!("claiming failed: {e}; retrying in {error_delay:?}");
                 tokio::select! {
                     _ = shared.soft.cancelled() => return,
