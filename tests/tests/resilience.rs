@@ -145,3 +145,61 @@ async fn a_handler_slower_than_the_lease_keeps_its_rows_by_renewal() {
     .await;
     assert_eq!(again, 0, "no lease expired, no record was processed twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_a_draining_worker_at_once() {
+    let db = TestDb::new("second_signal").await;
+    let client = db.client().await;
+    client
+        .batch_execute("create table sink (record_id text not null)")
+        .await
+        .unwrap();
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b", "--queue", "q", "--from-file", "-"],
+        Some(&records(2)),
+    );
+    assert_eq!(code, 0, "{err}");
+    // A 30 s statement under a 60 s grace period: the first SIGTERM alone would wait for it.
+    let mut worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "sql",
+            "--sql",
+            "insert into sink select $1 from pg_sleep(30)",
+            "--grace-period",
+            "60s",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    let store = db.store().await;
+    tally_tests::poll_until(
+        "the record runs",
+        std::time::Duration::from_secs(10),
+        || async {
+            let s = store.batch_status(Some("b")).await.unwrap().remove(0);
+            (s.running > 0).then_some(())
+        },
+    )
+    .await;
+    worker.signal(libc::SIGTERM);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    worker.assert_running();
+    let started = std::time::Instant::now();
+    worker.signal(libc::SIGTERM);
+    let status = worker
+        .wait_exit(std::time::Duration::from_secs(5))
+        .await
+        .expect("the second signal stops the worker at once");
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // Nothing was written for the interrupted record: its lease will expire and it runs again.
+    assert_eq!(
+        query_i64(&client, "select count(*) from sink", &[]).await,
+        0
+    );
+}

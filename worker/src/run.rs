@@ -768,3 +768,62 @@ async fn progress_loop(shared: Arc<Shared>, stop: CancellationToken) {
         last = (Instant::now(), done);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(max_attempts: i32) -> ClaimableBatch {
+        ClaimableBatch {
+            id: 1,
+            name: "b".into(),
+            max_attempts,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(8),
+        }
+    }
+
+    fn record(attempt: i32) -> ClaimedRecord {
+        ClaimedRecord {
+            id: 7,
+            batch_id: 1,
+            record_id: "r".into(),
+            attempt,
+            payload: serde_json::Value::Null,
+            lease_id: 1,
+        }
+    }
+
+    #[test]
+    fn a_requested_retry_delay_wins_over_the_backoff() {
+        let error = HandlerError::Retryable {
+            message: "429".into(),
+            retry_after: Some(Duration::from_secs(120)),
+        };
+        let o = failure_outcome(&batch(5), &record(1), error);
+        assert_eq!(o.state, RecordState::Pending);
+        assert_eq!(o.retry_in, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn retryable_errors_back_off_within_the_cap_until_attempts_run_out() {
+        for attempt in 1..5 {
+            let o = failure_outcome(&batch(5), &record(attempt), HandlerError::retryable("x"));
+            assert_eq!(o.state, RecordState::Pending);
+            assert!(o.retry_in <= Duration::from_secs(8), "{:?}", o.retry_in);
+        }
+        let o = failure_outcome(&batch(5), &record(5), HandlerError::retryable("x"));
+        assert_eq!(o.state, RecordState::Failed);
+        assert!(o
+            .error
+            .unwrap_or_default()
+            .contains("attempts exhausted: 5 of 5"));
+    }
+
+    #[test]
+    fn permanent_errors_fail_at_once() {
+        let o = failure_outcome(&batch(5), &record(1), HandlerError::permanent("bad data"));
+        assert_eq!(o.state, RecordState::Failed);
+        assert_eq!(o.error.as_deref(), Some("bad data"));
+    }
+}
