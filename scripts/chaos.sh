@@ -193,22 +193,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# coord LIMIT_SECONDS ARGS...: every coordinator call is bounded in time.
-coord() {
-    local limit=$1
-    shift
-    timeout --kill-after=5 "$limit" "$COORD" "$@"
-}
-
-# psql with a connect and a statement timeout; -At: bare values.
-q() {
-    PGOPTIONS='-c statement_timeout=120s -c client_min_messages=warning' timeout --kill-after=5 150 \
-        psql -X -q -v ON_ERROR_STOP=1 -At -d "$DATABASE_URL" "$@"
-}
-
-field() {
-    printf '%s\n' "$2" | sed -n -E 's/^ *"'"$1"'": "?([^",]*)"?,?$/\1/p' | head -n 1
-}
+# coord, q and field: see scripts/lib.sh.
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh  # the working directory is the repository root
 
 # start_worker SLOT: starts a worker into WORKER_PIDS[SLOT].
 NSTARTED=0

@@ -109,23 +109,10 @@ trap 'exit 143' TERM
 # helpers
 # ---------------------------------------------------------------------------
 
-# Every command is bounded in time: coord LIMIT_SECONDS ARGS...
-coord() {
-    local limit=$1
-    shift
-    timeout --kill-after=5 "$limit" "$COORD" "$@"
-}
-
-# psql with a connect and a statement timeout; -At: bare values.
-q() {
-    PGOPTIONS='-c statement_timeout=60s -c client_min_messages=warning' timeout --kill-after=5 90 \
-        psql -X -q -v ON_ERROR_STOP=1 -At -d "$DATABASE_URL" "$@"
-}
-
-# A field of `coordinator status --json` (pretty-printed, one field per line).
-field() {
-    printf '%s\n' "$2" | sed -n -E 's/^ *"'"$1"'": "?([^",]*)"?,?$/\1/p' | head -n 1
-}
+# coord, q and field: see scripts/lib.sh.
+Q_TIMEOUT_S=60
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh  # the working directory is the repository root
 
 # Rows of the batch held (state running) by one worker id.
 held_by() {
