@@ -80,8 +80,8 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// `GET path` on 127.0.0.1:port; the status code, or `None` when nothing answers yet.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+/// `GET path` on 127.0.0.1:port: status code and body, or `None` when nothing answers yet.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -92,7 +92,15 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(status, _)| status)
 }
 
 async fn status_when_up(port: u16, path: &str) -> u16 {
@@ -118,7 +126,7 @@ async fn health_endpoints_report_live_but_not_ready_without_a_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_endpoints_report_ready_when_connected() {
+async fn ready_when_connected_and_metrics_count_the_batch() {
     let db = TestDb::new("health_ready").await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -132,4 +140,42 @@ async fn health_endpoints_report_ready_when_connected() {
         (http_status(port, "/readyz") == Some(200)).then_some(())
     })
     .await;
+
+    let input: String = (1..=100)
+        .map(|i| format!("{{\"id\":\"secret-{i}\"}}\n"))
+        .collect();
+    let (code, _, err) = tally_tests::coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b", "--queue", "q", "--from-file", "-"],
+        Some(input.as_bytes()),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let metrics = tally_tests::poll_until(
+        "completions are counted",
+        Duration::from_secs(10),
+        || async {
+            http_get(port, "/metrics")
+                .map(|(_, body)| body)
+                .filter(|body| {
+                    body.contains("tally_worker_records_completed_total{queue=\"q\"} 100")
+                })
+        },
+    )
+    .await;
+    for line in [
+        "tally_worker_records_claimed_total{queue=\"q\"} 100",
+        "tally_worker_records_failed_total{queue=\"q\"} 0",
+        "tally_worker_records_in_flight{queue=\"q\"} 0",
+        "tally_worker_handler_duration_seconds_count{queue=\"q\"} 100",
+        "# TYPE tally_worker_claim_duration_seconds histogram",
+        "tally_worker_build_info{version=",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("secret-"),
+        "record ids never become labels"
+    );
 }

@@ -1,5 +1,5 @@
-//! `/healthz` and `/readyz` for orchestrators: liveness is "the worker's loop ran recently",
-//! readiness is "connected to PostgreSQL and not draining".
+//! `/metrics` for Prometheus, and `/healthz` and `/readyz` for orchestrators: liveness is "the
+//! worker's loop ran recently", readiness is "connected to PostgreSQL and not draining".
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -8,6 +8,7 @@ use axum::Router;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tally::metrics::WorkerMetrics;
 use tokio_util::sync::CancellationToken;
 
 /// A loop silent for longer than this is reported dead.
@@ -68,7 +69,20 @@ impl Health {
     }
 }
 
-async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
+#[derive(Clone)]
+struct Endpoints {
+    health: Arc<Health>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+async fn metrics(State(e): State<Endpoints>) -> ([(&'static str, &'static str); 1], String) {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        e.metrics.render(),
+    )
+}
+
+async fn healthz(State(Endpoints { health, .. }): State<Endpoints>) -> (StatusCode, &'static str) {
     if health.is_live() {
         (StatusCode::OK, "ok\n")
     } else {
@@ -76,7 +90,7 @@ async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str
     }
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
+async fn readyz(State(Endpoints { health, .. }): State<Endpoints>) -> (StatusCode, String) {
     match health.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (
@@ -90,12 +104,17 @@ async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
+    worker_metrics: Arc<WorkerMetrics>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health);
+        .with_state(Endpoints {
+            health,
+            metrics: worker_metrics,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await

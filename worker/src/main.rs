@@ -66,8 +66,8 @@ struct Args {
     /// Longest cool-down (it doubles after each failed probe).
     #[arg(long, env = "TALLY_BREAKER_MAX_COOLDOWN", default_value = "10m", value_parser = humantime::parse_duration)]
     breaker_max_cooldown: Duration,
-    /// Serve /healthz (the loop runs) and /readyz (connected, not draining) on this address,
-    /// e.g. 0.0.0.0:9464. Off unless given.
+    /// Serve /metrics (Prometheus), /healthz (the loop runs) and /readyz (connected, not
+    /// draining) on this address, e.g. 0.0.0.0:9464. Off unless given.
     #[arg(long, env = "TALLY_LISTEN")]
     listen: Option<std::net::SocketAddr>,
     /// Lease owner name (default: host-pid-random).
@@ -142,6 +142,13 @@ async fn run(args: Args) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     let health = Health::new();
+    let metrics = match tally::metrics::WorkerMetrics::new(&config.queue) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("worker: cannot set up metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let http_stop = CancellationToken::new();
     if let Some(addr) = args.listen {
         let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -151,9 +158,9 @@ async fn run(args: Args) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
-        let (health, stop) = (health.clone(), http_stop.clone());
+        let (health, metrics, stop) = (health.clone(), metrics.clone(), http_stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = tally_worker::health::serve(listener, health, stop).await {
+            if let Err(e) = tally_worker::health::serve(listener, health, metrics, stop).await {
                 tracing::warn!("health endpoints stopped: {e}");
             }
         });
@@ -169,6 +176,7 @@ async fn run(args: Args) -> ExitCode {
     };
     match Worker::new(store, config, processor)
         .with_health(health)
+        .with_metrics(metrics)
         .run(shutdown)
         .await
     {

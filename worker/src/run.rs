@@ -2,10 +2,11 @@
 
 use crate::{listener, Health, Processor, WorkerConfig, WorkerError};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally::backoff::full_jitter;
+use tally::metrics::WorkerMetrics;
 use tally::{
     BreakerGate, ClaimableBatch, ClaimedRecord, HandlerError, Outcome, RecordContext, RecordState,
     Store,
@@ -40,35 +41,23 @@ pub struct RunSummary {
     pub rescued: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    completed: AtomicU64,
-    failed: AtomicU64,
-    retried: AtomicU64,
-    lost: AtomicU64,
-    released: AtomicU64,
-    rescued: AtomicU64,
+fn summary(m: &WorkerMetrics) -> RunSummary {
+    RunSummary {
+        completed: m.completed.get(),
+        failed: m.failed.get(),
+        retried: m.retried.get(),
+        lost_leases: m.lost_leases.get(),
+        released: m.released.get(),
+        rescued: m.rescued.get(),
+    }
 }
 
-impl Counters {
-    fn summary(&self) -> RunSummary {
-        RunSummary {
-            completed: self.completed.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            lost_leases: self.lost.load(Ordering::Relaxed),
-            released: self.released.load(Ordering::Relaxed),
-            rescued: self.rescued.load(Ordering::Relaxed),
-        }
-    }
-
-    fn count(&self, outcome: &Outcome) {
-        let counter = match outcome.state {
-            RecordState::Complete => &self.completed,
-            RecordState::Pending => &self.retried,
-            _ => &self.failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+/// Counts an outcome that was written.
+fn count(m: &WorkerMetrics, outcome: &Outcome) {
+    match outcome.state {
+        RecordState::Complete => m.completed.inc(),
+        RecordState::Pending => m.retried.inc(),
+        _ => m.failed.inc(),
     }
 }
 
@@ -88,7 +77,7 @@ struct InFlight {
 struct Shared {
     store: Store,
     config: WorkerConfig,
-    counters: Counters,
+    metrics: Arc<WorkerMetrics>,
     in_flight: Mutex<InFlight>,
     /// Claimed-but-unwritten rows may not exceed this; claims wait for room.
     room: Arc<Semaphore>,
@@ -112,7 +101,11 @@ impl Shared {
                 f.rows.insert((r.id, r.attempt), r.lease_id);
                 *f.leases.entry(r.lease_id).or_default() += 1;
             }
+            self.metrics.in_flight.set(f.rows.len() as i64);
         }
+        self.metrics.claimed.inc_by(records.len() as u64);
+        let again = records.iter().filter(|r| r.attempt > 1).count();
+        self.metrics.redelivered.inc_by(again as u64);
     }
 
     /// Done with these claimed rows (by id and attempt): frees their room.
@@ -132,6 +125,7 @@ impl Shared {
                     }
                 }
             }
+            self.metrics.in_flight.set(f.rows.len() as i64);
         }
         self.room.add_permits(n);
     }
@@ -166,9 +160,7 @@ impl Shared {
             );
             return;
         }
-        self.counters
-            .lost
-            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        self.metrics.lost_leases.inc_by(refused.len() as u64);
         tracing::warn!(
             count = refused.len(),
             first = refused[0],
@@ -183,6 +175,7 @@ pub struct Worker {
     config: WorkerConfig,
     processor: Processor,
     health: Arc<Health>,
+    metrics: Option<Arc<WorkerMetrics>>,
 }
 
 impl Worker {
@@ -192,7 +185,14 @@ impl Worker {
             config,
             processor,
             health: Health::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts into `metrics` (e.g. ones already served on `/metrics`) instead of its own.
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reports liveness and readiness to `health` (e.g. one already served on `/readyz`).
@@ -211,9 +211,16 @@ impl Worker {
         }
         let config = self.config;
         let max_outstanding = config.claim_size.max(config.concurrency) * 2;
+        let metrics = match self.metrics {
+            Some(m) => m,
+            None => Arc::new(
+                WorkerMetrics::new(&config.queue)
+                    .map_err(|e| WorkerError::Config(vec![format!("metrics: {e}")]))?,
+            ),
+        };
         let shared = Arc::new(Shared {
             store: self.store,
-            counters: Counters::default(),
+            metrics,
             in_flight: Mutex::new(InFlight::default()),
             room: Arc::new(Semaphore::new(max_outstanding)),
             handlers: Arc::new(Semaphore::new(config.concurrency)),
@@ -273,7 +280,7 @@ impl Worker {
             tracing::debug!("dropping finished leases failed: {e}");
         }
         while tasks.join_next().await.is_some() {}
-        let summary = shared.counters.summary();
+        let summary = summary(&shared.metrics);
         tracing::info!(?summary, "worker stopped");
         Ok(summary)
     }
@@ -335,11 +342,15 @@ async fn claim_round(
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<usize, tally::StoreError> {
     let cfg = &shared.config;
-    let cap = match shared
+    let gate = shared
         .store
         .breaker_gate(&cfg.queue, &cfg.worker_id, cfg.lease)
-        .await?
-    {
+        .await?;
+    shared
+        .metrics
+        .breaker_open
+        .set(i64::from(gate == BreakerGate::Open));
+    let cap = match gate {
         BreakerGate::Closed => cfg.claim_size,
         BreakerGate::Open => return Ok(0),
         BreakerGate::Probe => {
@@ -358,10 +369,12 @@ async fn claim_round(
         if room == 0 || shared.soft.is_cancelled() {
             break;
         }
+        let timer = shared.metrics.claim_seconds.start_timer();
         let records = shared
             .store
             .claim(batch.id, room as i64, &cfg.worker_id, cfg.lease)
             .await?;
+        timer.observe_duration();
         if records.is_empty() {
             continue;
         }
@@ -409,10 +422,12 @@ fn dispatch(
                         attempt: record.attempt,
                         cancel: shared.hard.clone(),
                     };
+                    let timer = shared.metrics.handler_seconds.start_timer();
                     let result = tokio::select! {
                         r = handler.handle(&ctx, &record.payload) => r,
                         _ = shared.hard.cancelled() => return,
                     };
+                    timer.observe_duration();
                     let outcome = match result {
                         Ok(()) => Outcome {
                             id: record.id,
@@ -470,7 +485,7 @@ async fn start_or_release(
     let held: Vec<(i64, i32)> = records.iter().map(|r| (r.id, r.attempt)).collect();
     match shared.store.release(&held, &shared.config.worker_id).await {
         Ok(n) => {
-            shared.counters.released.fetch_add(n, Ordering::Relaxed);
+            shared.metrics.released.inc_by(n);
         }
         Err(e) => {
             tracing::warn!("could not release unstarted rows ({e}); their leases will expire")
@@ -522,6 +537,7 @@ async fn run_sql_chunk(
     let owner = &shared.config.worker_id;
     let mut delay = ERROR_BACKOFF_MIN;
     let mut retrying = false;
+    let started = Instant::now();
     loop {
         let result = shared
             .store
@@ -536,10 +552,15 @@ async fn run_sql_chunk(
             .await;
         match result {
             Ok(result) => {
-                let c = &shared.counters;
-                c.completed.fetch_add(result.completed, Ordering::Relaxed);
+                let m = &shared.metrics;
+                m.completed.inc_by(result.completed);
                 for outcome in &result.failed {
-                    c.count(outcome);
+                    count(m, outcome);
+                }
+                // One transaction served the chunk: spread its time over its records.
+                let per_record = started.elapsed().as_secs_f64() / chunk.len().max(1) as f64;
+                for _ in chunk {
+                    m.handler_seconds.observe(per_record);
                 }
                 shared.note_refused(&result.lost, retrying);
                 if result.failed.iter().any(|o| o.state == RecordState::Failed) {
@@ -653,7 +674,7 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
             let mut failed_in = Vec::new();
             for outcome in &buffer {
                 if written.contains(&outcome.id) {
-                    shared.counters.count(outcome);
+                    count(&shared.metrics, outcome);
                     if outcome.state == RecordState::Failed
                         && !failed_in.contains(&outcome.batch_id)
                     {
@@ -705,11 +726,15 @@ async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
             .renew_leases(&active, owner, shared.config.lease)
             .await
         {
-            Ok(kept) if kept.len() < active.len() => tracing::warn!(
-                lost = active.len() - kept.len(),
-                "leases expired and were rescued before renewal; their rows will be refused"
-            ),
-            Ok(_) => {}
+            Ok(kept) => {
+                shared.metrics.lease_renewals.inc_by(kept.len() as u64);
+                if kept.len() < active.len() {
+                    tracing::warn!(
+                        lost = active.len() - kept.len(),
+                        "leases expired and were rescued before renewal; their rows will be refused"
+                    );
+                }
+            }
             Err(e) => tracing::warn!("renewing {} leases failed: {e}", active.len()),
         }
     }
@@ -730,7 +755,7 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     if n == 0 || stop.is_cancelled() {
                         break;
                     }
-                    shared.counters.rescued.fetch_add(n, Ordering::Relaxed);
+                    shared.metrics.rescued.inc_by(n);
                     tracing::info!(
                         back_to_pending = s.to_pending,
                         failed = s.to_failed,
@@ -753,7 +778,7 @@ async fn progress_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PROGRESS_EVERY) => {}
         }
-        let s = shared.counters.summary();
+        let s = summary(&shared.metrics);
         let done = s.completed + s.failed;
         if done != last.1 {
             let rate = (done - last.1) as f64 / last.0.elapsed().as_secs_f64();
