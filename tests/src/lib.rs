@@ -50,39 +50,7 @@ impl TestDb {
 
     /// A fresh database without the schema.
     pub async fn empty(test: &str) -> TestDb {
-        let admin = admin_url();
-        let clean: String = test
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .take(30)
-            .collect();
-        let name = format!(
-            "tally_t_{clean}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let client = connect(&admin).await;
-        // Two statements, two round trips: a multi-statement simple query is one implicit
-        // transaction, in which PostgreSQL refuses DROP/CREATE DATABASE.
-        client
-            .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
-            .await
-            .expect("drop leftover test database");
-        client
-            .batch_execute(&format!("create database \"{name}\""))
-            .await
-            .expect("create test database");
-        TestDb {
-            url: with_database(&admin, &name),
-            name,
-            admin,
-        }
+        Self::empty_at(&admin_url(), test).await
     }
 
     pub async fn store(&self) -> Store {
@@ -565,6 +533,8 @@ impl TestDb {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let client = connect(admin).await;
+        // Two statements, two round trips: a multi-statement simple query is one implicit
+        // transaction, in which PostgreSQL refuses DROP/CREATE DATABASE.
         client
             .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
             .await
@@ -724,4 +694,12 @@ impl Drop for ThrowawayPg {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// JSONL input of `n` records `{"id":"r<i>"}`, i = 1..=n.
+pub fn jsonl_ids(n: u32) -> Vec<u8> {
+    (1..=n)
+        .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
+        .collect::<String>()
+        .into_bytes()
 }

@@ -1,14 +1,9 @@
 //! pause, resume and cancel through the `coordinator` binary, with a real worker.
 
 use std::time::Duration;
-use tally_tests::{assert_counts_exact, coordinator, coordinator_with_stdin, start_worker, TestDb};
-
-fn input(n: u32) -> Vec<u8> {
-    (1..=n)
-        .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
-        .collect::<String>()
-        .into_bytes()
-}
+use tally_tests::{
+    assert_counts_exact, coordinator, coordinator_with_stdin, jsonl_ids, start_worker, TestDb,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_batch_is_not_claimed_until_resumed() {
@@ -16,7 +11,7 @@ async fn a_paused_batch_is_not_claimed_until_resumed() {
     let (code, _, err) = coordinator_with_stdin(
         &db.url,
         &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&input(2000)),
+        Some(&jsonl_ids(2000)),
     );
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = coordinator(&db.url, &["pause", "b"]);
@@ -58,14 +53,14 @@ async fn cancel_marks_unfinished_records_and_ends_the_batch() {
     let (code, _, err) = coordinator_with_stdin(
         &db.url,
         &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&input(500)),
+        Some(&jsonl_ids(500)),
     );
     assert_eq!(code, 0, "{err}");
     // Another batch of the same queue is left alone.
     let (code, _, err) = coordinator_with_stdin(
         &db.url,
         &["prepare", "other", "--queue", "q", "--from-file", "-"],
-        Some(&input(10)),
+        Some(&jsonl_ids(10)),
     );
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = coordinator(&db.url, &["cancel", "b"]);

@@ -1,15 +1,9 @@
 //! A poison record and a handler slower than its lease, with real worker processes.
 
 use tally_tests::{
-    assert_counts_exact, coordinator, coordinator_with_stdin, query_i64, start_worker, TestDb,
+    assert_counts_exact, coordinator, coordinator_with_stdin, jsonl_ids, query_i64, start_worker,
+    TestDb,
 };
-
-fn records(n: u32) -> Vec<u8> {
-    (1..=n)
-        .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
-        .collect::<String>()
-        .into_bytes()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_record_fails_after_its_attempts_without_delaying_the_rest() {
@@ -45,7 +39,7 @@ async fn a_poison_record_fails_after_its_attempts_without_delaying_the_rest() {
             "--backoff-max",
             "20ms",
         ],
-        Some(&records(2000)),
+        Some(&jsonl_ids(2000)),
     );
     assert_eq!(code, 0, "{err}");
     let _worker = start_worker(
@@ -108,7 +102,7 @@ async fn a_handler_slower_than_the_lease_keeps_its_rows_by_renewal() {
     let (code, _, err) = coordinator_with_stdin(
         &db.url,
         &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&records(4)),
+        Some(&jsonl_ids(4)),
     );
     assert_eq!(code, 0, "{err}");
     // Each record takes 1.5 s under a 1 s lease; two workers rescue eagerly.
@@ -157,7 +151,7 @@ async fn a_second_signal_stops_a_draining_worker_at_once() {
     let (code, _, err) = coordinator_with_stdin(
         &db.url,
         &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&records(2)),
+        Some(&jsonl_ids(2)),
     );
     assert_eq!(code, 0, "{err}");
     // A 30 s statement under a 60 s grace period: the first SIGTERM alone would wait for it.
