@@ -37,6 +37,20 @@ pub struct Outcome {
     pub retry_in: Duration,
 }
 
+impl Outcome {
+    /// The record was processed: complete it.
+    pub fn complete(record: &ClaimedRecord) -> Outcome {
+        Outcome {
+            id: record.id,
+            batch_id: record.batch_id,
+            attempt: record.attempt,
+            state: RecordState::Complete,
+            error: None,
+            retry_in: Duration::ZERO,
+        }
+    }
+}
+
 /// A row handed to this worker by a claim.
 #[derive(Debug, Clone)]
 pub struct ClaimedRecord {

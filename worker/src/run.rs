@@ -429,14 +429,7 @@ fn dispatch(
                     };
                     timer.observe_duration();
                     let outcome = match result {
-                        Ok(()) => Outcome {
-                            id: record.id,
-                            batch_id: record.batch_id,
-                            attempt: record.attempt,
-                            state: RecordState::Complete,
-                            error: None,
-                            retry_in: Duration::ZERO,
-                        },
+                        Ok(()) => Outcome::complete(&record),
                         Err(e) => failure_outcome(&batch, &record, e),
                     };
                     let _ = outcomes.send(outcome);

@@ -4,9 +4,8 @@
 use super::record::finish_on;
 use super::{sql, Store};
 use crate::error::{describe_pg_error, StoreError};
-use crate::model::{ClaimedRecord, Outcome, RecordState};
+use crate::model::{ClaimedRecord, Outcome};
 use std::collections::HashSet;
-use std::time::Duration;
 use tokio_postgres::types::Type;
 
 /// Why the statement failed for one record.
@@ -110,17 +109,6 @@ async fn lock_held(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-fn complete(r: &ClaimedRecord) -> Outcome {
-    Outcome {
-        id: r.id,
-        batch_id: r.batch_id,
-        attempt: r.attempt,
-        state: RecordState::Complete,
-        error: None,
-        retry_in: Duration::ZERO,
-    }
-}
-
 /// `Ok(None)` when a statement failed and the chunk must be redone record by record.
 async fn fast_path(
     client: &mut deadpool_postgres::Object,
@@ -154,7 +142,7 @@ async fn fast_path(
         drop(tx);
         return Ok(None);
     }
-    let outcomes: Vec<Outcome> = mine.iter().map(|r| complete(r)).collect();
+    let outcomes: Vec<Outcome> = mine.iter().map(|r| Outcome::complete(r)).collect();
     let written = finish_on(&tx, &outcomes, owner).await?;
     tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
     Ok(Some(TransactionalResult {
@@ -201,7 +189,7 @@ async fn slow_path(
                     .commit()
                     .await
                     .map_err(|e| StoreError::db(CTX, e))?;
-                outcomes.push(complete(r));
+                outcomes.push(Outcome::complete(r));
             }
             Err(err) if err.code().is_none() => return Err(StoreError::db(CTX, err)),
             Err(err) => {
