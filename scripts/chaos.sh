@@ -120,17 +120,9 @@ SQL='insert into '"$SINK"' (record_id) select $1 from pg_sleep(0.002)'
 
 export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-5}
 
-if [ -t 1 ]; then
-    B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' Y=$'\e[33m' N=$'\e[0m'
-else
-    B='' G='' R='' Y='' N=''
-fi
-step() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
-say() { printf '    %s\n' "$*"; }
-die() {
-    printf '%schaos.sh: error: %s%s\n' "$R" "$*" "$N" >&2
-    exit 1
-}
+# step, say, die, coord, q and field: see scripts/lib.sh.
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh  # the working directory is the repository root
 
 # Milliseconds since the epoch (bash 5's EPOCHREALTIME, else date).
 now_ms() {
@@ -193,9 +185,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# coord, q and field: see scripts/lib.sh.
-# shellcheck source=scripts/lib.sh
-. scripts/lib.sh  # the working directory is the repository root
 
 # start_worker SLOT: starts a worker into WORKER_PIDS[SLOT].
 NSTARTED=0

@@ -53,17 +53,9 @@ SQL='insert into demo_orders (order_id, customer_id, amount, batch) values ($1, 
 
 export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-5}
 
-if [ -t 1 ]; then
-    B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' Y=$'\e[33m' N=$'\e[0m'
-else
-    B='' G='' R='' Y='' N=''
-fi
-step() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
-say() { printf '    %s\n' "$*"; }
-die() {
-    printf '%sdemo.sh: error: %s%s\n' "$R" "$*" "$N" >&2
-    exit 1
-}
+# step, say, die, coord, q and field: see scripts/lib.sh.
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh  # the working directory is the repository root
 
 # ---------------------------------------------------------------------------
 # processes we start, and how they are cleaned up
@@ -109,10 +101,7 @@ trap 'exit 143' TERM
 # helpers
 # ---------------------------------------------------------------------------
 
-# coord, q and field: see scripts/lib.sh.
 Q_TIMEOUT_S=60
-# shellcheck source=scripts/lib.sh
-. scripts/lib.sh  # the working directory is the repository root
 
 # Rows of the batch held (state running) by one worker id.
 held_by() {

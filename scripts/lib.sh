@@ -1,6 +1,20 @@
 # shellcheck shell=bash
-# Helpers shared by scripts/demo.sh and scripts/chaos.sh. Source it after setting COORD (the
-# coordinator binary) and DATABASE_URL.
+# Helpers shared by scripts/demo.sh and scripts/chaos.sh. coord and q need COORD (the
+# coordinator binary) and DATABASE_URL set by the time they are called.
+
+# Bold headings and colours on a terminal only (G and Y are used by the sourcing scripts).
+# shellcheck disable=SC2034
+if [ -t 1 ]; then
+    B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' Y=$'\e[33m' N=$'\e[0m'
+else
+    B='' G='' R='' Y='' N=''
+fi
+step() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
+say() { printf '    %s\n' "$*"; }
+die() {
+    printf '%s%s: error: %s%s\n' "$R" "${0##*/}" "$*" "$N" >&2
+    exit 1
+}
 
 # coord LIMIT_SECONDS ARGS...: a coordinator call, bounded in time.
 coord() {
