@@ -254,24 +254,8 @@ impl ChildGuard {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// Waits (polling) up to `timeout` for the process to end; `None` if it is still running.
-    pub fn wait_timeout(
-        &mut self,
-        timeout: std::time::Duration,
-    ) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
-    /// Like [`ChildGuard::wait_timeout`], without blocking the async runtime.
+    /// Waits (polling, without blocking the async runtime) up to `timeout` for the process to
+    /// end; `None` if it is still running.
     pub async fn wait_exit(
         &mut self,
         timeout: std::time::Duration,
