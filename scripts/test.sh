@@ -5,6 +5,7 @@
 #
 # Steps (fail fast): make sure PostgreSQL is reachable (scripts/pg-up.sh, unless
 # TALLY_TEST_DATABASE_URL is already set), cargo fmt --check, clippy -D warnings,
+# cargo doc with rustdoc warnings as errors,
 # release build of the binaries (integration tests spawn target/release/{coordinator,worker}),
 # then the tests with cargo-nextest (profile `ci`, see .config/nextest.toml) if
 # installed, else cargo test. ARGS are forwarded to the test runner, e.g.
@@ -34,11 +35,19 @@ fi
 printf '[test.sh] TALLY_TEST_DATABASE_URL=%s\n' \
     "$(printf '%s' "$TALLY_TEST_DATABASE_URL" | sed -E 's#(://[^:/@?]*:)[^@/?]*@#\1***@#; s#(password=)[^ &]*#\1***#g')" >&2
 
+step "tools the tests use (scripts/tools.sh)"
+# shellcheck source=scripts/tools.sh
+. scripts/tools.sh
+ensure_tools || die "could not install the tools the tests need (see above)"
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+
+step "cargo doc --workspace --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 step "cargo build --release --bins"
 cargo build --release --bins
