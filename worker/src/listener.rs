@@ -1,4 +1,6 @@
 //! A dedicated session that LISTENs for work and wakes the claim loop; reconnects with backoff.
+//! Behind PgBouncer in transaction pooling mode there is no session to LISTEN on: the claim
+//! loop then polls alone.
 
 use futures::StreamExt;
 use std::sync::Arc;
@@ -13,14 +15,20 @@ const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// Runs until `stop` fires. Every notification for `queue`, and every (re)connection (work may
 /// have appeared while it was away), calls `wake.notify_one()`.
 pub async fn listen(
-    config: tokio_postgres::Config,
+    store: tally::Store,
     queue: String,
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
+    if store.pgbouncer() {
+        // A pooled server connection changes hands after every transaction, so it would
+        // receive other clients' notifications, or none.
+        tracing::info!("behind PgBouncer: no LISTEN, polling for work");
+        return;
+    }
     let mut delay = RECONNECT_MIN;
     while !stop.is_cancelled() {
-        match session(&config, &queue, &wake, &stop).await {
+        match session(&store, &queue, &wake, &stop).await {
             Ok(()) => delay = RECONNECT_MIN,
             Err(e) => {
                 tracing::warn!("notification session lost ({e}); polling until it is back");
@@ -35,12 +43,12 @@ pub async fn listen(
 }
 
 async fn session(
-    config: &tokio_postgres::Config,
+    store: &tally::Store,
     queue: &str,
     wake: &Notify,
     stop: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = store.connect_dedicated().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -517,12 +517,15 @@ impl Store {
         &self,
         batch_id: i64,
     ) -> Result<Option<String>, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        // A worker's statement: through conn(), which keeps it whole behind PgBouncer.
+        let client = self.conn().await?;
+        let reason = client
             .query_opt(sql!("batch_pause_if_too_many_failed"), &[&batch_id])
             .await
-            .map_err(|e| StoreError::db("checking the failure limit", e))?;
-        Ok(row.map(|r| r.get(0)))
+            .map_err(|e| StoreError::db("checking the failure limit", e))?
+            .map(|r| r.get(0));
+        client.done().await?;
+        Ok(reason)
     }
 
     /// Sends a batch's failed rows back to pending; returns how many. Other batches and other

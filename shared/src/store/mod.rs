@@ -1,16 +1,22 @@
 //! The one type that talks to PostgreSQL. Every statement lives in `sql/`.
 
+pub mod alerts;
 mod batch;
+mod connect;
 mod migrate;
+pub mod progress;
 mod record;
 mod transactional;
 
 pub use batch::Progress;
+pub use connect::{
+    ConnectOptions, SslMode, DEFAULT_SSLMODE, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,
+    ENV_DB_CA_FILE, ENV_DB_SSLMODE, ENV_PGBOUNCER, ENV_PGPASSWORD,
+};
 pub use transactional::{is_retryable_sqlstate, StatementFailure, TransactionalResult};
 
 use crate::error::{describe_pg_error, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use std::str::FromStr;
 use std::time::Duration;
 
 /// A named statement from `sql/queries/`.
@@ -38,8 +44,16 @@ pub const LISTEN_WORK: &str = sql!("listen_work");
 pub struct Store {
     pool: Pool,
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    pgbouncer: bool,
     target: String,
 }
+
+/// The stream of a dedicated connection (TLS or plain, as the store's settings say).
+pub type DedicatedStream =
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+        tokio_postgres::Socket,
+    >>::Stream;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,10 +64,18 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Connects and checks that the server answers. `max_connections` bounds the pool.
+    /// Connects and checks that the server answers. `max_connections` bounds the pool. The URL
+    /// may carry `sslmode` and `sslrootcert`; `PGPASSWORD` is used when it has no password.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Store, StoreError> {
-        let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| StoreError::BadUrl(e.to_string()))?;
+        Self::connect_with(&ConnectOptions::new(url), max_connections).await
+    }
+
+    /// Like [`Store::connect`], with TLS, password and PgBouncer settings.
+    pub async fn connect_with(
+        options: &ConnectOptions,
+        max_connections: usize,
+    ) -> Result<Store, StoreError> {
+        let connect::Prepared { mut config, tls } = connect::prepare(options)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
@@ -65,7 +87,7 @@ impl Store {
         let target = describe_target(&config);
         let manager = Manager::from_config(
             config.clone(),
-            tokio_postgres::NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -77,6 +99,8 @@ impl Store {
         let store = Store {
             pool,
             config,
+            tls,
+            pgbouncer: options.pgbouncer,
             target,
         };
         drop(store.client().await?);
@@ -93,13 +117,50 @@ impl Store {
         &self.config
     }
 
+    /// Opens a connection outside the pool (e.g. for LISTEN), with the pool's TLS settings.
+    /// The caller drives the returned connection.
+    pub async fn connect_dedicated(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, DedicatedStream>,
+        ),
+        tokio_postgres::Error,
+    > {
+        self.config.connect(self.tls.clone()).await
+    }
+
+    /// True behind PgBouncer in transaction pooling mode (`--pgbouncer`): no LISTEN, no
+    /// statement outlives its transaction.
+    pub fn pgbouncer(&self) -> bool {
+        self.pgbouncer
+    }
+
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| self.connect_error(e))
     }
 
+    /// A connection for statements outside an explicit transaction; finish with
+    /// [`Conn::done`]. Behind PgBouncer in transaction pooling mode it opens a transaction, so
+    /// that each statement's parse, execution and close reach the same server connection.
+    pub(crate) async fn conn(&self) -> Result<Conn, StoreError> {
+        let client = self.client().await?;
+        if self.pgbouncer {
+            client
+                .batch_execute("begin")
+                .await
+                .map_err(|e| StoreError::db("starting a transaction", e))?;
+        }
+        Ok(Conn {
+            client: Some(client),
+            open: self.pgbouncer,
+        })
+    }
+
     fn connect_error(&self, err: deadpool_postgres::PoolError) -> StoreError {
         let (reason, hint, transient) = match &err {
-            deadpool_postgres::PoolError::Backend(e) => classify_connect_error(e),
+            deadpool_postgres::PoolError::Backend(e) => classify_connect_error(e, &self.config),
             deadpool_postgres::PoolError::Timeout(_) => (
                 "timed out waiting for a connection".to_string(),
                 "check that the server is up and reachable",
@@ -117,7 +178,7 @@ impl Store {
 
     /// Fails unless `coordinator migrate` has brought the schema up to this build's version.
     pub async fn check_schema(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         let exists: bool = client
             .query_one(sql!("schema_exists"), &[])
             .await
@@ -133,6 +194,7 @@ impl Store {
             .await
             .map_err(|e| StoreError::db("checking the schema", e))?
             .get(0);
+        client.done().await?;
         let needed = migrate::latest_version();
         if found < needed {
             return Err(StoreError::SchemaOutdated {
@@ -142,6 +204,115 @@ impl Store {
             });
         }
         Ok(())
+    }
+}
+
+/// A pooled connection from [`Store::conn`].
+pub(crate) struct Conn {
+    client: Option<deadpool_postgres::Object>,
+    /// A transaction begun for PgBouncer is still open.
+    open: bool,
+}
+
+impl Conn {
+    /// Commits the transaction begun for PgBouncer, if any.
+    pub(crate) async fn done(mut self) -> Result<(), StoreError> {
+        if let (true, Some(client)) = (self.open, &self.client) {
+            client
+                .batch_execute("commit")
+                .await
+                .map_err(|e| StoreError::db("committing", e))?;
+        }
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        match &self.client {
+            Some(client) => client,
+            // Only Drop takes the client out.
+            None => unreachable!("connection used after drop"),
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.open {
+            // Left mid-transaction by an error: close the connection rather than hand it on
+            // with the transaction open. The server (or PgBouncer) rolls it back.
+            if let Some(client) = self.client.take() {
+                drop(deadpool_postgres::Object::take(client));
+            }
+        }
+    }
+}
+
+/// A connection or transaction that can run a statement with parameter types given.
+pub(crate) trait TypedQuery: deadpool_postgres::GenericClient {
+    fn query_with_types<'a>(
+        &'a self,
+        query: &'a str,
+        params: &'a [(
+            &'a (dyn tokio_postgres::types::ToSql + Sync),
+            tokio_postgres::types::Type,
+        )],
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+           + Send
+           + 'a;
+}
+
+impl TypedQuery for deadpool_postgres::Object {
+    fn query_with_types<'a>(
+        &'a self,
+        query: &'a str,
+        params: &'a [(
+            &'a (dyn tokio_postgres::types::ToSql + Sync),
+            tokio_postgres::types::Type,
+        )],
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+           + Send
+           + 'a {
+        self.query_typed(query, params)
+    }
+}
+
+impl TypedQuery for deadpool_postgres::Transaction<'_> {
+    fn query_with_types<'a>(
+        &'a self,
+        query: &'a str,
+        params: &'a [(
+            &'a (dyn tokio_postgres::types::ToSql + Sync),
+            tokio_postgres::types::Type,
+        )],
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+           + Send
+           + 'a {
+        self.query_typed(query, params)
+    }
+}
+
+/// Runs `query` on `client`: prepared once per connection and cached. Behind PgBouncer, where
+/// a prepared statement must not outlive the transaction (the server connection goes to
+/// other clients next), it is prepared only to learn its parameter types and closed at once,
+/// and then run as an unnamed statement, which the returned rows may outlive.
+pub(crate) async fn query_cached<C: TypedQuery>(
+    client: &C,
+    pgbouncer: bool,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if pgbouncer {
+        let types = client.prepare(query).await?.params().to_vec();
+        let typed: Vec<_> = params.iter().copied().zip(types).collect();
+        client.query_with_types(query, &typed).await
+    } else {
+        let stmt = client.prepare_cached(query).await?;
+        client.query(&stmt, params).await
     }
 }
 
@@ -158,8 +329,21 @@ fn describe_target(config: &tokio_postgres::Config) -> String {
     format!("{user}@{host}:{port}/{db}")
 }
 
-fn classify_connect_error(err: &tokio_postgres::Error) -> (String, &'static str, bool) {
+fn classify_connect_error(
+    err: &tokio_postgres::Error,
+    config: &tokio_postgres::Config,
+) -> (String, &'static str, bool) {
     let reason = describe_pg_error(err);
+    if err.code().is_none() {
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.as_str(),
+            _ => "localhost",
+        };
+        // A certificate the client rejects will be rejected again: not worth waiting for.
+        if let Some((reason, hint)) = connect::describe_tls_failure(&reason, host) {
+            return (reason, hint, false);
+        }
+    }
     match err.code().map(|c| c.code()) {
         Some("28P01") | Some("28000") => {
             (reason, "check the user and password in DATABASE_URL", false)

@@ -1,6 +1,6 @@
 //! Records: claim under a lease, record outcomes behind the fence, renew, release, rescue.
 
-use super::{sql, Store};
+use super::{query_cached, sql, Store};
 use crate::error::StoreError;
 use crate::model::{
     BreakerGate, BreakerPolicy, ClaimableBatch, ClaimedRecord, Outcome, RescueSummary,
@@ -10,15 +10,16 @@ use std::time::Duration;
 impl Store {
     /// Ready batches of `queue` that still have pending rows, oldest first.
     pub async fn claimable_batches(&self, queue: &str) -> Result<Vec<ClaimableBatch>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(sql!("batch_ready_in_queue"))
-            .await
-            .map_err(|e| StoreError::db("finding work", e))?;
-        let rows = client
-            .query(&stmt, &[&queue])
-            .await
-            .map_err(|e| StoreError::db("finding work", e))?;
+        let client = self.conn().await?;
+        let rows = query_cached(
+            &*client,
+            self.pgbouncer,
+            sql!("batch_ready_in_queue"),
+            &[&queue],
+        )
+        .await
+        .map_err(|e| StoreError::db("finding work", e))?;
+        client.done().await?;
         Ok(rows
             .iter()
             .map(|r| ClaimableBatch {
@@ -39,13 +40,14 @@ impl Store {
         owner: &str,
         probe_timeout: Duration,
     ) -> Result<BreakerGate, StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         let timeout_ms = probe_timeout.as_millis() as i64;
         let state: String = client
             .query_one(sql!("breaker_gate"), &[&queue, &owner, &timeout_ms])
             .await
             .map_err(|e| StoreError::db("asking the circuit breaker", e))?
             .get(0);
+        client.done().await?;
         Ok(match state.as_str() {
             "closed" => BreakerGate::Closed,
             "probe" => BreakerGate::Probe,
@@ -62,7 +64,7 @@ impl Store {
         retryable_failures: i64,
         policy: &BreakerPolicy,
     ) -> Result<String, StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         let cooldown_ms = policy.cooldown.as_millis() as i64;
         let max_ms = policy.max_cooldown.as_millis() as i64;
         let state: String = client
@@ -81,17 +83,18 @@ impl Store {
             .await
             .map_err(|e| StoreError::db("reporting to the circuit breaker", e))?
             .get(0);
+        client.done().await?;
         Ok(state)
     }
 
     /// Notes the first claim of a batch (the start of its rate and ETA).
     pub async fn mark_started(&self, batch_id: i64) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         client
             .execute(sql!("batch_mark_started"), &[&batch_id])
             .await
             .map_err(|e| StoreError::db("marking the batch started", e))?;
-        Ok(())
+        client.done().await
     }
 
     /// Claims up to `limit` pending rows of a batch for `owner`, leased for `lease`.
@@ -102,17 +105,15 @@ impl Store {
         owner: &str,
         lease: Duration,
     ) -> Result<Vec<ClaimedRecord>, StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         let ctx = "claiming records";
-        let stmt = client
-            .prepare_cached(sql!("record_claim"))
-            .await
-            .map_err(|e| StoreError::db(ctx, e))?;
         let lease_s = lease.as_secs_f64();
-        let rows = client
-            .query(&stmt, &[&batch_id, &limit, &owner, &lease_s])
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&batch_id, &limit, &owner, &lease_s];
+        let rows = query_cached(&*client, self.pgbouncer, sql!("record_claim"), &params)
             .await
             .map_err(|e| StoreError::db(ctx, e))?;
+        client.done().await?;
         Ok(rows
             .iter()
             .map(|r| ClaimedRecord {
@@ -132,8 +133,10 @@ impl Store {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
-        let client = self.client().await?;
-        finish_on(&client, outcomes, owner).await
+        let client = self.conn().await?;
+        let written = finish_on(&*client, self.pgbouncer, outcomes, owner).await?;
+        client.done().await?;
+        Ok(written)
     }
 
     /// Extends `owner`'s leases; returns the ids still in force (the others were rescued).
@@ -143,14 +146,17 @@ impl Store {
         owner: &str,
         lease: Duration,
     ) -> Result<Vec<i64>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                sql!("lease_renew"),
-                &[&lease_ids, &owner, &lease.as_secs_f64()],
-            )
-            .await
-            .map_err(|e| StoreError::db("renewing leases", e))?;
+        let client = self.conn().await?;
+        let lease_s = lease.as_secs_f64();
+        let rows = query_cached(
+            &*client,
+            self.pgbouncer,
+            sql!("lease_renew"),
+            &[&lease_ids, &owner, &lease_s],
+        )
+        .await
+        .map_err(|e| StoreError::db("renewing leases", e))?;
+        client.done().await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -159,12 +165,12 @@ impl Store {
         if lease_ids.is_empty() {
             return Ok(());
         }
-        let client = self.client().await?;
+        let client = self.conn().await?;
         client
             .execute(sql!("lease_drop"), &[&lease_ids, &owner])
             .await
             .map_err(|e| StoreError::db("dropping finished leases", e))?;
-        Ok(())
+        client.done().await
     }
 
     /// Gives back rows that were claimed but never started, without counting an attempt.
@@ -173,21 +179,25 @@ impl Store {
             return Ok(0);
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
-        let client = self.client().await?;
-        let rows = client
-            .query(sql!("record_release"), &[&ids, &attempts, &owner])
-            .await
-            .map_err(|e| StoreError::db("releasing records", e))?;
+        let client = self.conn().await?;
+        let rows = query_cached(
+            &*client,
+            self.pgbouncer,
+            sql!("record_release"),
+            &[&ids, &attempts, &owner],
+        )
+        .await
+        .map_err(|e| StoreError::db("releasing records", e))?;
+        client.done().await?;
         Ok(rows.len() as u64)
     }
 
     /// One bounded pass over up to `limit` expired leases (claims); safe to run from every
     /// worker at once. Wakes the queues that got rows back.
     pub async fn rescue_expired(&self, limit: i64) -> Result<RescueSummary, StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         let ctx = "rescuing expired leases";
-        let rows = client
-            .query(sql!("record_rescue"), &[&limit])
+        let rows = query_cached(&*client, self.pgbouncer, sql!("record_rescue"), &[&limit])
             .await
             .map_err(|e| StoreError::db(ctx, e))?;
         let mut summary = RescueSummary::default();
@@ -214,13 +224,15 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::db(ctx, e))?;
         }
+        client.done().await?;
         Ok(summary)
     }
 }
 
 /// The fenced outcome write, on a given connection or transaction.
-pub(super) async fn finish_on<C: deadpool_postgres::GenericClient>(
+pub(super) async fn finish_on<C: super::TypedQuery>(
     client: &C,
+    pgbouncer: bool,
     outcomes: &[Outcome],
     owner: &str,
 ) -> Result<Vec<i64>, StoreError> {
@@ -237,12 +249,9 @@ pub(super) async fn finish_on<C: deadpool_postgres::GenericClient>(
         errors.push(o.error.as_deref());
         delays.push(o.retry_in.as_secs_f64());
     }
-    let stmt = client
-        .prepare_cached(sql!("record_finish"))
-        .await
-        .map_err(|e| StoreError::db(ctx, e))?;
-    let rows = client
-        .query(&stmt, &[&ids, &attempts, &states, &errors, &delays, &owner])
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&ids, &attempts, &states, &errors, &delays, &owner];
+    let rows = query_cached(client, pgbouncer, sql!("record_finish"), &params)
         .await
         .map_err(|e| StoreError::db(ctx, e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -2,7 +2,7 @@
 //! completion, behind the lease fence: the effect commits exactly when the status does.
 
 use super::record::finish_on;
-use super::{sql, Store};
+use super::{query_cached, sql, Store};
 use crate::error::{describe_pg_error, StoreError};
 use crate::model::{ClaimedRecord, Outcome};
 use std::collections::HashSet;
@@ -56,7 +56,7 @@ impl Store {
     /// Checks that `statement` parses with `$1` text, `$2` jsonb, `$3` text, before any record
     /// is claimed.
     pub async fn check_statement(&self, statement: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.conn().await?;
         client
             .prepare_typed(statement, &[Type::TEXT, Type::JSONB, Type::TEXT])
             .await
@@ -66,7 +66,8 @@ impl Store {
                     "the --sql statement is invalid: {}",
                     describe_pg_error(&e)
                 ))
-            })
+            })?;
+        client.done().await
     }
 
     /// Processes `records` of batch `batch` with `statement`. Fast path: every statement and
@@ -82,10 +83,22 @@ impl Store {
         on_failure: impl Fn(&ClaimedRecord, &StatementFailure) -> Outcome,
     ) -> Result<TransactionalResult, StoreError> {
         let mut client = self.client().await?;
-        if let Some(result) = fast_path(&mut client, batch, records, owner, statement).await? {
+        let pgbouncer = self.pgbouncer;
+        if let Some(result) =
+            fast_path(&mut client, pgbouncer, batch, records, owner, statement).await?
+        {
             return Ok(result);
         }
-        slow_path(&mut client, batch, records, owner, statement, on_failure).await
+        slow_path(
+            &mut client,
+            pgbouncer,
+            batch,
+            records,
+            owner,
+            statement,
+            on_failure,
+        )
+        .await
     }
 }
 
@@ -93,25 +106,27 @@ const CTX: &str = "running the SQL handler";
 
 async fn lock_held(
     tx: &deadpool_postgres::Transaction<'_>,
+    pgbouncer: bool,
     records: &[ClaimedRecord],
     owner: &str,
 ) -> Result<HashSet<i64>, StoreError> {
     let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
     let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
-    let stmt = tx
-        .prepare_cached(sql!("record_lock_fenced"))
-        .await
-        .map_err(|e| StoreError::db(CTX, e))?;
-    let rows = tx
-        .query(&stmt, &[&ids, &attempts, &owner])
-        .await
-        .map_err(|e| StoreError::db(CTX, e))?;
+    let rows = query_cached(
+        tx,
+        pgbouncer,
+        sql!("record_lock_fenced"),
+        &[&ids, &attempts, &owner],
+    )
+    .await
+    .map_err(|e| StoreError::db(CTX, e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// `Ok(None)` when a statement failed and the chunk must be redone record by record.
 async fn fast_path(
     client: &mut deadpool_postgres::Object,
+    pgbouncer: bool,
     batch: &str,
     records: &[ClaimedRecord],
     owner: &str,
@@ -121,11 +136,8 @@ async fn fast_path(
         .transaction()
         .await
         .map_err(|e| StoreError::db(CTX, e))?;
-    let held = lock_held(&tx, records, owner).await?;
-    let stmt = tx
-        .prepare_typed_cached(statement, &[Type::TEXT, Type::JSONB, Type::TEXT])
-        .await
-        .map_err(|e| StoreError::db(CTX, e))?;
+    let held = lock_held(&tx, pgbouncer, records, owner).await?;
+    let stmt = prepare_handler_statement(&tx, pgbouncer, statement).await?;
     let mine: Vec<&ClaimedRecord> = records.iter().filter(|r| held.contains(&r.id)).collect();
     // Issued together, these are pipelined on the connection: one round trip for the chunk.
     let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 3]> = mine
@@ -134,6 +146,8 @@ async fn fast_path(
         .collect();
     let runs = params.iter().map(|p| tx.execute(&stmt, p));
     let results = futures::future::join_all(runs).await;
+    // Closed before the transaction ends (see prepare_handler_statement).
+    drop(stmt);
     if let Some(err) = results.into_iter().find_map(Result::err) {
         if err.code().is_none() {
             // The connection itself failed: nothing committed; the leases will expire.
@@ -143,7 +157,7 @@ async fn fast_path(
         return Ok(None);
     }
     let outcomes: Vec<Outcome> = mine.iter().map(|r| Outcome::complete(r)).collect();
-    let written = finish_on(&tx, &outcomes, owner).await?;
+    let written = finish_on(&tx, pgbouncer, &outcomes, owner).await?;
     tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
     Ok(Some(TransactionalResult {
         completed: written.len() as u64,
@@ -156,8 +170,26 @@ async fn fast_path(
     }))
 }
 
+/// The operator's statement, cached per connection; behind PgBouncer prepared afresh, and
+/// dropped (closed) by the caller before its transaction ends, since a prepared statement
+/// outlives a rollback and would stay on a server connection that other clients get next.
+async fn prepare_handler_statement(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pgbouncer: bool,
+    statement: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    let types = [Type::TEXT, Type::JSONB, Type::TEXT];
+    let prepared = if pgbouncer {
+        tx.prepare_typed(statement, &types).await
+    } else {
+        tx.prepare_typed_cached(statement, &types).await
+    };
+    prepared.map_err(|e| StoreError::db(CTX, e))
+}
+
 async fn slow_path(
     client: &mut deadpool_postgres::Object,
+    pgbouncer: bool,
     batch: &str,
     records: &[ClaimedRecord],
     owner: &str,
@@ -168,11 +200,8 @@ async fn slow_path(
         .transaction()
         .await
         .map_err(|e| StoreError::db(CTX, e))?;
-    let held = lock_held(&tx, records, owner).await?;
-    let stmt = tx
-        .prepare_typed_cached(statement, &[Type::TEXT, Type::JSONB, Type::TEXT])
-        .await
-        .map_err(|e| StoreError::db(CTX, e))?;
+    let held = lock_held(&tx, pgbouncer, records, owner).await?;
+    let stmt = prepare_handler_statement(&tx, pgbouncer, statement).await?;
     let mut outcomes = Vec::with_capacity(records.len());
     let mut failed = Vec::new();
     for r in records.iter().filter(|r| held.contains(&r.id)) {
@@ -203,7 +232,8 @@ async fn slow_path(
             }
         }
     }
-    finish_on(&tx, &outcomes, owner).await?;
+    drop(stmt);
+    finish_on(&tx, pgbouncer, &outcomes, owner).await?;
     tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
     Ok(TransactionalResult {
         completed: (outcomes.len() - failed.len()) as u64,
