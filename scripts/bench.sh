@@ -13,7 +13,9 @@
 #   process        CHECKPOINT, then WORKERS x `worker --queue bench --handler noop --concurrency 64`,
 #                  timed from their start until `coordinator wait bench-file` exits 0 (all N complete);
 #                  then the workers get SIGTERM and must exit 0. Reports their peak RSS (VmHWM).
-# Finally checks that the bench-file batch has exactly N complete records (else WARN, exit 1).
+# Finally checks that the bench-file batch has exactly N complete records (else WARN, exit 1),
+# then times TALLY_BENCH_SCRAPES (default 100) scrapes of `coordinator serve`'s /metrics and
+# prints the database time per scrape (INFO serve_scrape ...).
 #
 # --compare (first argument): before the Tally phases, run the shared reference benchmarks of this
 # machine -- sql_limit.sh N 2 1000 (pure-SQL claim ceiling) and peer_graphile_worker.sh N -- and end
@@ -403,6 +405,55 @@ if [ "$complete" = "$N" ]; then
 else
     warn "check: $complete of $N records of batch bench-file are complete ($(Q "select string_agg(state || '=' || c, ' ') from (select state, count(*) c from tally.record where batch_id = (select id from tally.batch where name = 'bench-file') group by 1) x"))"
 fi
+
+# ---------------------------------------------------------------------------
+# 6b. coordinator serve: database time of a /metrics scrape next to the 1M-record batches
+# ---------------------------------------------------------------------------
+
+# http_get HOST PORT PATH: the response of one HTTP/1.0 GET (bash's /dev/tcp; no curl needed).
+http_get() {
+    exec 3<>"/dev/tcp/$1/$2" || return 1
+    printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$1" >&3
+    cat <&3
+    exec 3<&-
+}
+SCRAPES="${TALLY_BENCH_SCRAPES:-100}"
+phase "serve: $SCRAPES scrapes of /metrics (bench-file: $N complete; bench-query: $N pending)"
+"$BIN/coordinator" --database-url "$BENCH_URL" serve --listen 127.0.0.1:0 --check-interval 1h \
+    </dev/null >"$LOGS/serve.log" 2>&1 &
+serve_pid=$!
+WORKER_PIDS=("$serve_pid") # so that cleanup stops it if the bench is interrupted
+addr=""
+for ((i = 0; i < 100; i++)); do
+    addr="$(awk '/listening on/{print $NF; exit}' "$LOGS/serve.log")"
+    [ -z "$addr" ] || break
+    alive "$serve_pid" || break
+    sleep 0.1
+done
+if [ -z "$addr" ]; then
+    warn "serve: coordinator serve did not start (log $LOGS/serve.log)"
+else
+    host="${addr%:*}"
+    port="${addr##*:}"
+    t0=$(now_s)
+    for ((i = 0; i < SCRAPES; i++)); do http_get "$host" "$port" /metrics >"$LOGS/metrics.txt"; done
+    t1=$(now_s)
+    http_get "$host" "$port" /metrics >"$LOGS/metrics.txt"
+    db_ms="$(awk '/^tally_serve_scrape_duration_seconds_sum /{s=$2} /^tally_serve_scrape_duration_seconds_count /{c=$2}
+        END{if (c > 0) printf "%.3f", 1000 * s / c; else print "n/a"}' "$LOGS/metrics.txt")"
+    grep -q '^tally_serve_up 1' "$LOGS/metrics.txt" || warn "serve: tally_serve_up is not 1 (see $LOGS/metrics.txt)"
+    grep -q "^tally_batch_records{batch=\"bench-file\",queue=\"bench\",state=\"complete\"} $N\$" "$LOGS/metrics.txt" ||
+        warn "serve: /metrics does not show $N complete records of bench-file (see $LOGS/metrics.txt)"
+    # The server's own view of the same statement: execution time and pages touched.
+    explain="$(P -At -c "prepare scrape(float8) as $(cat "$REPO/sql/queries/serve_scrape.sql")" \
+        -c "explain (analyze, buffers, format json) execute scrape(86400)" 2>&1 || true)"
+    exec_ms="$(printf '%s\n' "$explain" | grep -o '"Execution Time": [0-9.]*' | awk '{print $3}' | head -n1)"
+    pages="$(printf '%s\n' "$explain" | awk '/"Plan": \{/{top=1} top && /"Shared Hit Blocks"|"Shared Read Blocks"/{gsub(/[^0-9]/, "", $0); n += $0; seen++} seen == 2{print n; exit}')"
+    echo "INFO serve_scrape scrapes=$SCRAPES db_ms_per_scrape=$db_ms (serve's tally_serve_scrape_duration_seconds, round trips included) http_ms_per_scrape=$(awk -v a="$t0" -v b="$t1" -v n="$SCRAPES" 'BEGIN{printf "%.3f", 1000 * (b - a) / n}') explain_analyze_ms=${exec_ms:-n/a} pages=${pages:-n/a}"
+fi
+kill -TERM "$serve_pid" 2>/dev/null || true
+wait "$serve_pid" 2>/dev/null || true
+WORKER_PIDS=()
 
 # ---------------------------------------------------------------------------
 # 7. summary

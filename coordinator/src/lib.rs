@@ -1,6 +1,8 @@
 //! The coordinator's commands, callable from tests as well as from `main`.
 
+mod alerts;
 mod output;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
@@ -37,9 +39,19 @@ pub const DEFAULT_WAIT_INTERVAL: Duration = Duration::from_millis(500);
     about = "Prepare batches of records, watch them and retry their failures"
 )]
 pub struct Cli {
-    /// PostgreSQL URL, e.g. postgres://user@host:5432/db
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    /// PostgreSQL URL, e.g. postgres://user@host:5432/db?sslmode=verify-full
+    #[arg(long, global = true, env = tally::store::ENV_DATABASE_URL, hide_env_values = true)]
     database_url: Option<String>,
+    /// File holding the whole database URL (e.g. a mounted Secret), instead of --database-url.
+    #[arg(long, global = true, env = tally::store::ENV_DATABASE_URL_FILE, value_name = "PATH")]
+    database_url_file: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign the server's certificate.
+    #[arg(long, global = true, env = tally::store::ENV_DB_CA_FILE, value_name = "PATH")]
+    db_ca_file: Option<PathBuf>,
+    /// TLS: disable, prefer, require, verify-ca or verify-full [default: the URL's sslmode,
+    /// else prefer].
+    #[arg(long, global = true, env = tally::store::ENV_DB_SSLMODE, value_parser = clap::builder::ValueParser::new(str::parse::<tally::store::SslMode>))]
+    db_sslmode: Option<tally::store::SslMode>,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,6 +92,9 @@ enum Command {
     Resume { batch: String },
     /// Cancel a batch: its pending and running records become cancelled.
     Cancel { batch: String },
+    /// Serve per-batch progress on /metrics (Prometheus), /healthz and /readyz, and send
+    /// alert webhooks; runs until SIGTERM. Several replicas may run at once.
+    Serve(serve::ServeArgs),
     /// Send a batch's failed records back to pending.
     RetryFailed {
         batch: String,
@@ -151,11 +166,15 @@ fn exit_code_of(e: &StoreError) -> u8 {
     }
 }
 
-async fn connect(url: Option<&str>, schema: bool) -> Result<Store, StoreError> {
-    let url = url.ok_or_else(|| {
-        StoreError::BadUrl("no database given: pass --database-url or set DATABASE_URL".into())
+/// The database flags, checked only by commands that connect.
+type DbOptions = Result<tally::store::ConnectOptions, StoreError>;
+
+async fn connect(db: &DbOptions, schema: bool) -> Result<Store, StoreError> {
+    let options = db.as_ref().map_err(|e| match e {
+        StoreError::BadUrl(m) => StoreError::BadUrl(m.clone()),
+        other => StoreError::Invalid(other.to_string()),
     })?;
-    let store = Store::connect(url, 2).await?;
+    let store = Store::connect_with(options, 2).await?;
     if schema {
         store.check_schema().await?;
     }
@@ -163,7 +182,14 @@ async fn connect(url: Option<&str>, schema: bool) -> Result<Store, StoreError> {
 }
 
 async fn execute(cli: Cli) -> Result<u8, StoreError> {
-    let url = cli.database_url.as_deref();
+    let db = tally::store::ConnectOptions::from_flags(
+        cli.database_url.as_deref(),
+        cli.database_url_file.as_deref(),
+        cli.db_ca_file.clone(),
+        cli.db_sslmode,
+        false,
+    );
+    let url = &db;
     match cli.command {
         Command::Migrate => {
             let store = connect(url, false).await?;
@@ -240,6 +266,17 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
                     "batch {batch} is not ready or paused, so it cannot be cancelled"
                 ))),
             }
+        }
+        Command::Serve(args) => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(serve::stop_on_signal(stop.clone()));
+            let options = db.as_ref().map_err(|e| match e {
+                StoreError::BadUrl(m) => StoreError::BadUrl(m.clone()),
+                other => StoreError::Invalid(other.to_string()),
+            })?;
+            // The TLS flags travel inside the URL.
+            let serve_url = options.url_with_tls();
+            serve::run(Some(&serve_url), args, stop).await
         }
         Command::RetryFailed {
             batch,

@@ -4,14 +4,24 @@ use super::{sql, Store};
 use crate::error::StoreError;
 
 /// Every migration, in order: (version, name, SQL).
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_outbox",
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../sql/migrations/0001_outbox.sql"
-    )),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_outbox",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0001_outbox.sql"
+        )),
+    ),
+    (
+        2,
+        "0002_alerts",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0002_alerts.sql"
+        )),
+    ),
+];
 
 pub(super) fn latest_version() -> i32 {
     MIGRATIONS.last().map(|m| m.0).unwrap_or(0)

@@ -1,0 +1,489 @@
+//! `coordinator serve`: per-batch progress on `/metrics` for Prometheus, `/healthz` and
+//! `/readyz`, and alert webhooks. Any number of replicas may run: a scrape only reads, and
+//! observations and deliveries are coordinated in PostgreSQL.
+
+use crate::alerts::{self, Deliverer};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use clap::Args;
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tally::store::progress::{AlertTargets, ObserveSettings, Scrape, BATCH_STATES};
+use tally::{Store, StoreError};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+/// Address `/metrics`, `/healthz` and `/readyz` are served on.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9461";
+/// How long a finished batch stays on `/metrics`.
+pub const DEFAULT_FINISHED_RETENTION: &str = "24h";
+/// Pending work with no record finishing for this long raises a `stalled` alert.
+pub const DEFAULT_STALL_AFTER: &str = "10m";
+/// How often progress is compared and due alerts are sent.
+pub const DEFAULT_CHECK_INTERVAL: &str = "10s";
+/// A scrape or readiness check that takes longer fails (before Prometheus' default 10 s
+/// scrape timeout, so that it still gets `tally_serve_up 0`).
+const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff between connection attempts while the database is unreachable.
+const CONNECT_RETRY_MIN: Duration = Duration::from_millis(250);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Connections: scrapes, readiness, the observation pass and deliveries.
+const POOL_SIZE: usize = 4;
+
+/// Options of `coordinator serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address for /metrics, /healthz and /readyz (port 0: any free port, printed on start).
+    #[arg(long, env = "TALLY_SERVE_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// How long finished batches stay on /metrics.
+    #[arg(long, env = "TALLY_FINISHED_RETENTION", default_value = DEFAULT_FINISHED_RETENTION,
+          value_parser = humantime::parse_duration)]
+    finished_retention: Duration,
+    /// Webhook URL for alerts (Slack-compatible JSON); repeat for several.
+    #[arg(
+        long = "alert-webhook",
+        env = "TALLY_ALERT_WEBHOOKS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    alert_webhooks: Vec<String>,
+    /// Raise `stalled` when work is pending but no record finished for this long.
+    #[arg(long, env = "TALLY_STALL_AFTER", default_value = DEFAULT_STALL_AFTER,
+          value_parser = humantime::parse_duration)]
+    stall_after: Duration,
+    /// How often progress is compared and due alerts are sent.
+    #[arg(long, env = "TALLY_CHECK_INTERVAL", default_value = DEFAULT_CHECK_INTERVAL,
+          value_parser = humantime::parse_duration)]
+    check_interval: Duration,
+}
+
+/// Metrics that outlive one scrape.
+struct ServeMetrics {
+    scrape_seconds: Histogram,
+    alerts_raised: IntCounterVec,
+    deliveries: IntCounterVec,
+}
+
+impl ServeMetrics {
+    fn new() -> Result<ServeMetrics, prometheus::Error> {
+        Ok(ServeMetrics {
+            scrape_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tally_serve_scrape_duration_seconds",
+                    "Database time of one /metrics scrape",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
+            )?,
+            alerts_raised: IntCounterVec::new(
+                Opts::new(
+                    "tally_serve_alerts_raised_total",
+                    "Alerts raised by this replica's observations, by event",
+                ),
+                &["event"],
+            )?,
+            deliveries: IntCounterVec::new(
+                Opts::new(
+                    "tally_serve_alert_deliveries_total",
+                    "Webhook delivery attempts by this replica, by result (sent, retried, failed)",
+                ),
+                &["result"],
+            )?,
+        })
+    }
+}
+
+/// What the HTTP handlers share with the background loop.
+struct Shared {
+    store: OnceCell<Store>,
+    metrics: ServeMetrics,
+    finished_retention: Duration,
+    /// When the background loop last went round (ms since the epoch).
+    last_beat_ms: AtomicU64,
+    liveness_window: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    fn beat(&self) {
+        self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Runs `serve` until `stop` fires. Bad options are reported all at once before anything
+/// starts. The database may be down at start: `/readyz` says so until it answers.
+pub async fn run(
+    url: Option<&str>,
+    args: ServeArgs,
+    stop: CancellationToken,
+) -> Result<u8, StoreError> {
+    let mut problems = Vec::new();
+    let hooks = alerts::parse_webhooks(&args.alert_webhooks).unwrap_or_else(|p| {
+        problems.extend(p);
+        Vec::new()
+    });
+    for (flag, value) in [
+        ("--finished-retention", args.finished_retention),
+        ("--stall-after", args.stall_after),
+        ("--check-interval", args.check_interval),
+    ] {
+        if value.is_zero() {
+            problems.push(format!("{flag} must be longer than 0"));
+        }
+    }
+    if url.is_none() {
+        problems.push("no database given: pass --database-url or set DATABASE_URL".into());
+    }
+    if !problems.is_empty() {
+        return Err(StoreError::Invalid(problems.join("; ")));
+    }
+    let url = url.unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            StoreError::Invalid(format!("cannot listen on --listen {}: {e}", args.listen))
+        })?;
+    let metrics = ServeMetrics::new()
+        .map_err(|e| StoreError::Invalid(format!("cannot set up metrics: {e}")))?;
+    let shared = Arc::new(Shared {
+        store: OnceCell::new(),
+        metrics,
+        finished_retention: args.finished_retention,
+        last_beat_ms: AtomicU64::new(now_ms()),
+        // One pass may spend a few webhook timeouts delivering before it beats again.
+        liveness_window: args.check_interval * 3
+            + alerts::DEFAULT_WEBHOOK_TIMEOUT * alerts::CLAIMS_PER_PASS as u32
+            + Duration::from_secs(60),
+    });
+    let local = listener.local_addr().unwrap_or(args.listen);
+    println!("coordinator serve: listening on {local}");
+    let app = Router::new()
+        .route("/metrics", get(metrics_endpoint))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared.clone());
+    let http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    let result = watch(url, &args, hooks, &shared, &stop).await;
+    stop.cancel();
+    match http.await {
+        Ok(Err(e)) => tracing::warn!("HTTP server stopped: {e}"),
+        Err(e) => tracing::warn!("HTTP server task failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    result.map(|()| crate::exit::OK)
+}
+
+/// Connects, then observes and delivers every check interval until stopped.
+async fn watch(
+    url: &str,
+    args: &ServeArgs,
+    hooks: Vec<alerts::Webhook>,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Result<(), StoreError> {
+    let Some(store) = connect(url, shared, stop).await? else {
+        return Ok(());
+    };
+    let store = shared.store.get_or_init(|| async { store }).await.clone();
+    let watermark = store.alert_watermark().await?;
+    let targets = AlertTargets {
+        webhooks: hooks.iter().map(|h| h.key.clone()).collect(),
+        watermark,
+    };
+    let deliverer = Deliverer::new(store.clone(), hooks, shared.metrics.deliveries.clone())
+        .map_err(StoreError::Invalid)?;
+    let settings = ObserveSettings {
+        stall_after: args.stall_after,
+        finished_retention: args.finished_retention,
+    };
+    loop {
+        match store.observe(settings, &targets, &alerts::body).await {
+            Ok(Some(events)) => {
+                for e in &events {
+                    tracing::info!("alert {}: {}", e.kind.as_str(), e.key);
+                    shared
+                        .metrics
+                        .alerts_raised
+                        .with_label_values(&[e.kind.as_str()])
+                        .inc();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("observing progress: {e}"),
+        }
+        if let Err(e) = deliverer.deliver_due().await {
+            tracing::warn!("delivering alerts: {e}");
+        }
+        shared.beat();
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(args.check_interval) => {}
+        }
+    }
+}
+
+/// Connects and checks the schema, waiting with capped backoff while the server is
+/// unreachable. `None` when stopped while waiting.
+async fn connect(
+    url: &str,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Result<Option<Store>, StoreError> {
+    let mut delay = CONNECT_RETRY_MIN;
+    loop {
+        match Store::connect(url, POOL_SIZE).await {
+            Ok(store) => {
+                store.check_schema().await?;
+                return Ok(Some(store));
+            }
+            Err(e) if e.is_transient_connect() => tracing::warn!("{e}; retrying in {delay:?}"),
+            Err(e) => return Err(e),
+        }
+        shared.beat();
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(CONNECT_RETRY_MAX);
+    }
+}
+
+/// Stops `serve` on the first SIGTERM or SIGINT.
+pub async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    stop.cancel();
+}
+
+async fn metrics_endpoint(
+    State(shared): State<Arc<Shared>>,
+) -> ([(&'static str, &'static str); 1], String) {
+    let scrape = match shared.store.get() {
+        Some(store) => {
+            let started = Instant::now();
+            let result =
+                tokio::time::timeout(DB_TIMEOUT, store.scrape(shared.finished_retention)).await;
+            shared
+                .metrics
+                .scrape_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(Ok(scrape)) => Some(scrape),
+                Ok(Err(e)) => {
+                    tracing::warn!("scrape: {e}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("scrape: the database did not answer within {DB_TIMEOUT:?}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let text = render(scrape.as_ref(), &shared.metrics)
+        .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+}
+
+/// The text format of one scrape. `None`: the database could not be read (`tally_serve_up`
+/// 0, no batch series).
+fn render(scrape: Option<&Scrape>, m: &ServeMetrics) -> Result<String, prometheus::Error> {
+    let registry = Registry::new();
+    let batch_labels = ["batch", "queue"];
+    let records = IntGaugeVec::new(
+        Opts::new("tally_batch_records", "Records of a batch by state"),
+        &["batch", "queue", "state"],
+    )?;
+    let expected = IntGaugeVec::new(
+        Opts::new("tally_batch_records_expected", "Records in a batch"),
+        &batch_labels,
+    )?;
+    let state = IntGaugeVec::new(
+        Opts::new(
+            "tally_batch_state",
+            "1 for the batch's current state (as `coordinator status` names it), 0 for the others",
+        ),
+        &["batch", "queue", "state"],
+    )?;
+    let ratio = GaugeVec::new(
+        Opts::new(
+            "tally_batch_completion_ratio",
+            "(complete + failed) / total records of a batch",
+        ),
+        &batch_labels,
+    )?;
+    let oldest = GaugeVec::new(
+        Opts::new(
+            "tally_batch_oldest_pending_age_seconds",
+            "How long the first record in claim order has been due; 0 when none is pending",
+        ),
+        &batch_labels,
+    )?;
+    let breaker = IntGaugeVec::new(
+        Opts::new(
+            "tally_queue_breaker_open",
+            "1 while the queue's circuit breaker is open or half open",
+        ),
+        &["queue"],
+    )?;
+    let up = IntGauge::new("tally_serve_up", "1 if this scrape could read the database")?;
+    for c in [&records, &expected, &state, &breaker] {
+        registry.register(Box::new(c.clone()))?;
+    }
+    registry.register(Box::new(ratio.clone()))?;
+    registry.register(Box::new(oldest.clone()))?;
+    registry.register(Box::new(up.clone()))?;
+    registry.register(Box::new(m.scrape_seconds.clone()))?;
+    registry.register(Box::new(m.alerts_raised.clone()))?;
+    registry.register(Box::new(m.deliveries.clone()))?;
+    if let Some(scrape) = scrape {
+        up.set(1);
+        let mut queues: Vec<(&str, bool)> = scrape
+            .breakers
+            .iter()
+            .map(|b| (b.queue.as_str(), b.state != "closed"))
+            .collect();
+        for b in &scrape.batches {
+            let l = [b.batch.as_str(), b.queue.as_str()];
+            let c = &b.counts;
+            for (name, n) in [
+                ("pending", c.pending),
+                ("running", c.running),
+                ("complete", c.complete),
+                ("failed", c.failed),
+                ("cancelled", c.cancelled),
+            ] {
+                records.with_label_values(&[l[0], l[1], name]).set(n);
+            }
+            expected.with_label_values(&l).set(b.total);
+            let current = b.state();
+            for s in BATCH_STATES {
+                state
+                    .with_label_values(&[l[0], l[1], s])
+                    .set(i64::from(*s == current));
+            }
+            ratio.with_label_values(&l).set(b.completion_ratio());
+            oldest
+                .with_label_values(&l)
+                .set(b.oldest_pending_age_s.unwrap_or(0.0));
+            if !queues.iter().any(|(q, _)| *q == b.queue) {
+                queues.push((b.queue.as_str(), false));
+            }
+        }
+        for (queue, open) in queues {
+            breaker.with_label_values(&[queue]).set(i64::from(open));
+        }
+    }
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    let silent_ms = now_ms().saturating_sub(shared.last_beat_ms.load(Ordering::Relaxed));
+    if silent_ms < shared.liveness_window.as_millis() as u64 {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "observation loop stalled\n",
+        )
+    }
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
+    let Some(store) = shared.store.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not connected to PostgreSQL yet\n".into(),
+        );
+    };
+    match tokio::time::timeout(DB_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: PostgreSQL did not answer in time\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally::store::progress::{BatchProgress, QueueBreaker, StateCounts};
+
+    #[test]
+    fn renders_every_series_of_a_batch_and_its_queue() {
+        let m = ServeMetrics::new().unwrap();
+        let scrape = Scrape {
+            batches: vec![BatchProgress {
+                batch: "b-1".into(),
+                queue: "q".into(),
+                stored_state: "ready".into(),
+                paused_reason: None,
+                total: 10,
+                counts: StateCounts {
+                    pending: 4,
+                    running: 1,
+                    complete: 4,
+                    failed: 1,
+                    cancelled: 0,
+                },
+                started: true,
+                oldest_pending_age_s: Some(2.5),
+            }],
+            breakers: vec![QueueBreaker {
+                queue: "other".into(),
+                state: "open".into(),
+            }],
+        };
+        let text = render(Some(&scrape), &m).unwrap();
+        for line in [
+            r#"tally_batch_records{batch="b-1",queue="q",state="complete"} 4"#,
+            r#"tally_batch_records_expected{batch="b-1",queue="q"} 10"#,
+            r#"tally_batch_state{batch="b-1",queue="q",state="running"} 1"#,
+            r#"tally_batch_state{batch="b-1",queue="q",state="ready"} 0"#,
+            r#"tally_batch_completion_ratio{batch="b-1",queue="q"} 0.5"#,
+            r#"tally_batch_oldest_pending_age_seconds{batch="b-1",queue="q"} 2.5"#,
+            r#"tally_queue_breaker_open{queue="other"} 1"#,
+            r#"tally_queue_breaker_open{queue="q"} 0"#,
+            "tally_serve_up 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        let down = render(None, &m).unwrap();
+        assert!(down.lines().any(|l| l == "tally_serve_up 0"));
+        assert!(!down.contains("tally_batch_records{"));
+    }
+}

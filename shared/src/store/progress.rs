@@ -1,0 +1,556 @@
+//! What `coordinator serve` reads and keeps: per-batch progress for `/metrics` (O(1) per
+//! batch, from the maintained counts and the claim index, never a scan of the records), and
+//! the observation pass that turns changes of progress into alerts, once across replicas.
+
+use super::{sql, Store};
+use crate::error::StoreError;
+use std::time::Duration;
+
+/// Every statement `serve` runs against PostgreSQL, by name: the scrape, the observation pass
+/// and the alert deliveries. Tests EXPLAIN those that read `tally.record`.
+pub const SERVE_STATEMENTS: &[(&str, &str)] = &[
+    ("serve_scrape", sql!("serve_scrape")),
+    ("serve_breakers", sql!("serve_breakers")),
+    ("serve_ping", sql!("serve_ping")),
+    ("serve_observe_lock", sql!("serve_observe_lock")),
+    ("serve_observe_batches", sql!("serve_observe_batches")),
+    ("serve_progress_save", sql!("serve_progress_save")),
+    ("serve_observe_breakers", sql!("serve_observe_breakers")),
+    (
+        "serve_queue_progress_save",
+        sql!("serve_queue_progress_save"),
+    ),
+    ("alert_insert", sql!("alert_insert")),
+    ("alert_attach", sql!("alert_attach")),
+    ("alert_watermark", sql!("alert_watermark")),
+    ("alert_claim", sql!("alert_claim")),
+    ("alert_sent", sql!("alert_sent")),
+    ("alert_retry", sql!("alert_retry")),
+];
+
+/// Record counts of a batch by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub pending: i64,
+    pub running: i64,
+    pub complete: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+}
+
+impl StateCounts {
+    /// Neither pending nor running: nothing is left to process.
+    pub fn is_settled(&self) -> bool {
+        self.pending + self.running == 0
+    }
+
+    /// Complete plus failed: the number whose change is progress.
+    pub fn done(&self) -> i64 {
+        self.complete + self.failed
+    }
+}
+
+/// One batch as `/metrics` reports it.
+#[derive(Debug, Clone)]
+pub struct BatchProgress {
+    pub batch: String,
+    pub queue: String,
+    /// The stored state: preparing, ready, paused or cancelled.
+    pub stored_state: String,
+    pub paused_reason: Option<String>,
+    pub total: i64,
+    pub counts: StateCounts,
+    /// A record was ever claimed.
+    pub started: bool,
+    /// Seconds the first record in claim order has been due, if any record is pending.
+    pub oldest_pending_age_s: Option<f64>,
+}
+
+impl BatchProgress {
+    /// The state `coordinator status` shows (see [`derived_state`]).
+    pub fn state(&self) -> &'static str {
+        derived_state(&self.stored_state, &self.counts, self.started)
+    }
+
+    /// (complete + failed) / total; 1 for an empty batch.
+    pub fn completion_ratio(&self) -> f64 {
+        if self.total <= 0 {
+            1.0
+        } else {
+            self.counts.done() as f64 / self.total as f64
+        }
+    }
+}
+
+/// Every state [`derived_state`] can return, for metrics that list them all.
+pub const BATCH_STATES: &[&str] = &[
+    "preparing",
+    "ready",
+    "running",
+    "paused",
+    "cancelled",
+    "complete",
+    "complete_with_failures",
+];
+
+/// A batch's state as `coordinator status` names it: a ready batch is `running` once a record
+/// was claimed, and `complete` or `complete_with_failures` once nothing is pending or running.
+pub fn derived_state(stored: &str, counts: &StateCounts, started: bool) -> &'static str {
+    match stored {
+        "ready" if counts.is_settled() && counts.failed > 0 => "complete_with_failures",
+        "ready" if counts.is_settled() => "complete",
+        "ready" if started => "running",
+        "ready" => "ready",
+        "paused" => "paused",
+        "cancelled" => "cancelled",
+        _ => "preparing",
+    }
+}
+
+/// A queue's circuit breaker: `closed`, `open` or `half_open`.
+#[derive(Debug, Clone)]
+pub struct QueueBreaker {
+    pub queue: String,
+    pub state: String,
+}
+
+/// Everything one `/metrics` scrape reads.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    pub batches: Vec<BatchProgress>,
+    pub breakers: Vec<QueueBreaker>,
+}
+
+/// What an observation pass noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Every record is complete.
+    Finished,
+    /// Nothing is left to process, and some records failed.
+    FinishedWithFailures,
+    /// Paused because more records failed than it tolerates.
+    FailureLimit,
+    /// A queue's circuit breaker opened.
+    BreakerOpen,
+    /// Work is pending, but complete + failed has not changed for the stall time.
+    Stalled,
+}
+
+impl EventKind {
+    /// The name in `tally.alert.kind` and in webhook bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Finished => "finished",
+            EventKind::FinishedWithFailures => "finished_with_failures",
+            EventKind::FailureLimit => "failure_limit",
+            EventKind::BreakerOpen => "breaker_open",
+            EventKind::Stalled => "stalled",
+        }
+    }
+}
+
+/// An event, with what a message about it needs.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    /// Unique per event: kind, batch id or queue, and episode.
+    pub key: String,
+    pub queue: String,
+    /// The batch concerned (none for a breaker).
+    pub batch: Option<BatchProgress>,
+    /// Breaker: its state and failures; stall: seconds without progress.
+    pub detail: Option<String>,
+}
+
+/// Settings of an observation pass.
+#[derive(Debug, Clone, Copy)]
+pub struct ObserveSettings {
+    /// Pending work with no change of complete + failed for this long is a stall.
+    pub stall_after: Duration,
+    /// Finished batches stay watched (and reported) this long.
+    pub finished_retention: Duration,
+}
+
+/// The alerting side of one replica: its webhooks (sha256 of each URL) and the newest alert
+/// id when it started.
+#[derive(Debug, Clone)]
+pub struct AlertTargets {
+    pub webhooks: Vec<String>,
+    pub watermark: i64,
+}
+
+/// A batch's row in `tally.batch_progress`, as last saved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Tracked {
+    done: i64,
+    finished: bool,
+    finish_episode: i32,
+    stalled: bool,
+    stall_episode: i32,
+    limit_paused: bool,
+    limit_episode: i32,
+}
+
+/// The tracked row after this observation, whether the progress clock restarts, and the
+/// events raised. Pure, so that the rules can be read and tested on their own.
+fn step(
+    seen: bool,
+    old: Tracked,
+    stored: &str,
+    paused_reason: Option<&str>,
+    counts: &StateCounts,
+    unchanged_s: f64,
+    stall_after_s: f64,
+) -> (Tracked, bool, Vec<EventKind>) {
+    let mut new = old;
+    let mut events = Vec::new();
+    new.done = counts.done();
+    // The progress clock runs only while the batch is claimable and has work: a paused batch
+    // is not stalled, and one resumed after a long pause gets a full stall time again.
+    let mut restart_clock = !seen || new.done != old.done || stored != "ready";
+    let finished = stored != "preparing" && counts.is_settled();
+    if finished && !old.finished {
+        new.finished = true;
+        new.finish_episode += 1;
+        if stored != "cancelled" {
+            events.push(if counts.failed > 0 {
+                EventKind::FinishedWithFailures
+            } else {
+                EventKind::Finished
+            });
+        }
+    } else if !finished && old.finished {
+        new.finished = false;
+        restart_clock = true;
+    }
+    let by_limit =
+        stored == "paused" && paused_reason.is_some_and(|r| r.starts_with("too many failures"));
+    if by_limit && !old.limit_paused {
+        new.limit_episode += 1;
+        events.push(EventKind::FailureLimit);
+    }
+    new.limit_paused = by_limit;
+    if restart_clock || finished {
+        new.stalled = false;
+    } else if !old.stalled && unchanged_s >= stall_after_s {
+        new.stalled = true;
+        new.stall_episode += 1;
+        events.push(EventKind::Stalled);
+    }
+    (new, restart_clock, events)
+}
+
+impl Store {
+    /// Reads what one `/metrics` scrape reports: every batch unfinished or finished within
+    /// `finished_retention`, and every queue's breaker. Costs O(1) per batch.
+    pub async fn scrape(&self, finished_retention: Duration) -> Result<Scrape, StoreError> {
+        let client = self.client().await?;
+        let ctx = "reading progress for /metrics";
+        let retention = finished_retention.as_secs_f64();
+        let rows = client
+            .query(sql!("serve_scrape"), &[&retention])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        let batches = rows
+            .iter()
+            .map(|r| {
+                let counts = StateCounts {
+                    pending: r.get(5),
+                    running: r.get(6),
+                    complete: r.get(7),
+                    failed: r.get(8),
+                    cancelled: r.get(9),
+                };
+                BatchProgress {
+                    batch: r.get(0),
+                    queue: r.get(1),
+                    stored_state: r.get(2),
+                    total: r.get(3),
+                    paused_reason: r.get(4),
+                    counts,
+                    started: r.get(10),
+                    oldest_pending_age_s: r.get(11),
+                }
+            })
+            .collect();
+        let breakers = client
+            .query(sql!("serve_breakers"), &[])
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?
+            .iter()
+            .map(|r| QueueBreaker {
+                queue: r.get(0),
+                state: r.get(1),
+            })
+            .collect();
+        Ok(Scrape { batches, breakers })
+    }
+
+    /// The database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .query_one(sql!("serve_ping"), &[])
+            .await
+            .map_err(|e| StoreError::db("checking the database", e))?;
+        Ok(())
+    }
+
+    /// One observation pass: compares every watched batch and breaker with what was last seen,
+    /// saves the new state and raises an alert per event (with `body` as its webhook JSON),
+    /// giving `targets`' webhooks a delivery of each, all in one transaction. Only one replica
+    /// observes at a time: returns `None` when another one is doing it right now.
+    pub async fn observe(
+        &self,
+        settings: ObserveSettings,
+        targets: &AlertTargets,
+        body: &(dyn Fn(&Event) -> String + Sync),
+    ) -> Result<Option<Vec<Event>>, StoreError> {
+        let mut client = self.client().await?;
+        let ctx = "observing batch progress";
+        let db = |e| StoreError::db(ctx, e);
+        let tx = client.transaction().await.map_err(db)?;
+        let locked: bool = tx
+            .query_one(sql!("serve_observe_lock"), &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        if !locked {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        let retention = settings.finished_retention.as_secs_f64();
+        let stall_after_s = settings.stall_after.as_secs_f64();
+        for r in tx
+            .query(sql!("serve_observe_batches"), &[&retention])
+            .await
+            .map_err(db)?
+        {
+            let id: i64 = r.get(0);
+            let counts = StateCounts {
+                pending: r.get(6),
+                running: r.get(7),
+                complete: r.get(8),
+                failed: r.get(9),
+                cancelled: r.get(10),
+            };
+            let seen: bool = r.get(11);
+            let old = Tracked {
+                done: r.get(12),
+                finished: r.get(13),
+                finish_episode: r.get(14),
+                stalled: r.get(15),
+                stall_episode: r.get(16),
+                limit_paused: r.get(17),
+                limit_episode: r.get(18),
+            };
+            let stored: String = r.get(3);
+            let paused_reason: Option<String> = r.get(4);
+            let unchanged_s: f64 = r.get(19);
+            let (new, restart_clock, kinds) = step(
+                seen,
+                old,
+                &stored,
+                paused_reason.as_deref(),
+                &counts,
+                unchanged_s,
+                stall_after_s,
+            );
+            if seen && new == old && !restart_clock {
+                continue;
+            }
+            tx.execute(
+                sql!("serve_progress_save"),
+                &[
+                    &id,
+                    &new.done,
+                    &restart_clock,
+                    &new.finished,
+                    &new.finish_episode,
+                    &new.stalled,
+                    &new.stall_episode,
+                    &new.limit_paused,
+                    &new.limit_episode,
+                ],
+            )
+            .await
+            .map_err(db)?;
+            let batch = BatchProgress {
+                batch: r.get(1),
+                queue: r.get(2),
+                stored_state: stored,
+                paused_reason,
+                total: r.get(5),
+                counts,
+                started: counts.done() + counts.running > 0,
+                oldest_pending_age_s: None,
+            };
+            for kind in kinds {
+                let episode = match kind {
+                    EventKind::Stalled => new.stall_episode,
+                    EventKind::FailureLimit => new.limit_episode,
+                    _ => new.finish_episode,
+                };
+                let key = match kind {
+                    EventKind::FinishedWithFailures => format!("finished:{id}:{episode}"),
+                    _ => format!("{}:{id}:{episode}", kind.as_str()),
+                };
+                let detail = (kind == EventKind::Stalled)
+                    .then(|| format!("no record finished for {}", humanize(unchanged_s)));
+                events.push(Event {
+                    kind,
+                    key,
+                    queue: batch.queue.clone(),
+                    batch: Some(batch.clone()),
+                    detail,
+                });
+            }
+        }
+        for r in tx
+            .query(sql!("serve_observe_breakers"), &[])
+            .await
+            .map_err(db)?
+        {
+            let queue: String = r.get(0);
+            let state: String = r.get(1);
+            let failures: i64 = r.get(2);
+            let open_until: Option<String> = r.get(3);
+            let was_open: bool = r.get(4);
+            let mut episode: i32 = r.get(5);
+            let open = state != "closed";
+            if open == was_open {
+                continue;
+            }
+            if open {
+                episode += 1;
+                let until = open_until
+                    .map(|t| format!(" until {t}"))
+                    .unwrap_or_default();
+                events.push(Event {
+                    kind: EventKind::BreakerOpen,
+                    key: format!("breaker_open:{queue}:{episode}"),
+                    queue: queue.clone(),
+                    batch: None,
+                    detail: Some(format!(
+                        "{state}{until} after {failures} retryable failures in a row"
+                    )),
+                });
+            }
+            tx.execute(
+                sql!("serve_queue_progress_save"),
+                &[&queue, &open, &episode],
+            )
+            .await
+            .map_err(db)?;
+        }
+        for event in &events {
+            let batch = event.batch.as_ref().map(|b| b.batch.as_str());
+            tx.query_opt(
+                sql!("alert_insert"),
+                &[
+                    &event.key,
+                    &event.kind.as_str(),
+                    &batch,
+                    &event.queue,
+                    &body(event),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        }
+        if !events.is_empty() && !targets.webhooks.is_empty() {
+            tx.execute(
+                sql!("alert_attach"),
+                &[&targets.webhooks, &targets.watermark],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(events))
+    }
+}
+
+/// "12m 5s": a short duration for messages.
+fn humanize(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m {s}s"),
+        (h, m, _) => format!("{h}h {m}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(pending: i64, complete: i64, failed: i64) -> StateCounts {
+        StateCounts {
+            pending,
+            complete,
+            failed,
+            ..StateCounts::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_finishes_once_and_again_after_a_retry() {
+        let old = Tracked::default();
+        let (t, _, ev) = step(true, old, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
+        assert_eq!(ev, vec![EventKind::Finished]);
+        let (t2, _, ev) = step(true, t, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
+        assert!(ev.is_empty(), "no second alert for the same finish");
+        assert_eq!(t2, t);
+        let (t3, restart, ev) = step(true, t2, "ready", None, &counts(2, 8, 0), 0.0, 60.0);
+        assert!(ev.is_empty() && restart && !t3.finished);
+        let (t4, _, ev) = step(true, t3, "ready", None, &counts(0, 8, 2), 0.0, 60.0);
+        assert_eq!(ev, vec![EventKind::FinishedWithFailures]);
+        assert_eq!(t4.finish_episode, 2);
+    }
+
+    #[test]
+    fn stalls_only_while_ready_with_work_and_once_per_episode() {
+        let old = Tracked {
+            done: 5,
+            ..Tracked::default()
+        };
+        let c = counts(5, 5, 0);
+        let (_, _, ev) = step(true, old, "ready", None, &c, 59.0, 60.0);
+        assert!(ev.is_empty());
+        let (t, _, ev) = step(true, old, "ready", None, &c, 61.0, 60.0);
+        assert_eq!(ev, vec![EventKind::Stalled]);
+        let (t, _, ev) = step(true, t, "ready", None, &c, 120.0, 60.0);
+        assert!(ev.is_empty(), "one alert per stall");
+        let (t, restart, ev) = step(true, t, "ready", None, &counts(4, 6, 0), 120.0, 60.0);
+        assert!(ev.is_empty() && restart && !t.stalled);
+        let (_, restart, ev) = step(true, t, "paused", None, &counts(4, 6, 0), 500.0, 60.0);
+        assert!(ev.is_empty() && restart, "a paused batch is not stalled");
+    }
+
+    #[test]
+    fn the_failure_limit_is_reported_once_and_cancel_is_silent() {
+        let reason = Some("too many failures: 3 failed records, 2 tolerated");
+        let c = counts(5, 2, 3);
+        let (t, _, ev) = step(true, Tracked::default(), "paused", reason, &c, 0.0, 60.0);
+        assert_eq!(ev, vec![EventKind::FailureLimit]);
+        let (_, _, ev) = step(true, t, "paused", reason, &c, 0.0, 60.0);
+        assert!(ev.is_empty());
+        let (_, _, ev) = step(true, t, "cancelled", None, &counts(0, 2, 3), 0.0, 60.0);
+        assert!(
+            ev.is_empty(),
+            "cancelling is an operator's act, not an alert"
+        );
+    }
+
+    #[test]
+    fn states_match_coordinator_status() {
+        assert_eq!(
+            derived_state("ready", &counts(0, 3, 1), true),
+            "complete_with_failures"
+        );
+        assert_eq!(derived_state("ready", &counts(1, 3, 0), true), "running");
+        assert_eq!(derived_state("ready", &counts(4, 0, 0), false), "ready");
+        assert_eq!(derived_state("paused", &counts(4, 0, 0), true), "paused");
+    }
+}
