@@ -152,11 +152,13 @@ pub fn coordinator_with_stdin(
     )
 }
 
-/// Starts a `worker` process; the caller kills or waits for it.
+/// Starts a `worker` process; the caller kills or waits for it. Its endpoints are off
+/// (tests run many workers at once) unless `args` has a `--listen`, which wins over the env.
 pub fn spawn_worker(url: &str, args: &[&str]) -> Child {
     Command::new(binary("worker"))
         .args(args)
         .env("DATABASE_URL", url)
+        .env("TALLY_LISTEN", "off")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

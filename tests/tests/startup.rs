@@ -31,6 +31,7 @@ async fn worker_gives_up_on_a_missing_database_and_works_on_a_real_one() {
     let out = Command::new(binary("worker"))
         .args(["--queue", "q", "--handler", "noop"])
         .env("DATABASE_URL", &missing)
+        .env("TALLY_LISTEN", "off")
         .stdin(Stdio::null())
         .output()
         .expect("run worker");
@@ -54,6 +55,7 @@ async fn worker_gives_up_on_a_missing_database_and_works_on_a_real_one() {
                 "200ms",
             ])
             .env("DATABASE_URL", &db.url)
+            .env("TALLY_LISTEN", "off")
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn worker"),
@@ -166,11 +168,14 @@ async fn ready_when_connected_and_metrics_count_the_batch() {
     .await;
     for line in [
         "tally_worker_records_claimed_total{queue=\"q\"} 100",
-        "tally_worker_records_failed_total{queue=\"q\"} 0",
+        "tally_worker_records_failed_total{queue=\"q\",reason=\"permanent\"} 0",
+        "tally_worker_records_failed_total{queue=\"q\",reason=\"exhausted\"} 0",
+        "tally_worker_records_redelivered_total{queue=\"q\"} 0",
         "tally_worker_records_in_flight{queue=\"q\"} 0",
+        "tally_worker_ready{queue=\"q\"} 1",
         "tally_worker_handler_duration_seconds_count{queue=\"q\"} 100",
         "# TYPE tally_worker_claim_duration_seconds histogram",
-        "tally_worker_build_info{version=",
+        "tally_worker_build_info{queue=\"q\",version=",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
     }
@@ -178,4 +183,280 @@ async fn ready_when_connected_and_metrics_count_the_batch() {
         !metrics.contains("secret-"),
         "record ids never become labels"
     );
+}
+
+/// The value of one series (name with its labels, exactly as rendered) in a scrape.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Scrapes until `series` reads `want`; returns the whole scrape.
+async fn scrape_when(port: u16, series: &str, want: f64) -> String {
+    tally_tests::poll_until(
+        &format!("{series} to reach {want}"),
+        Duration::from_secs(20),
+        || async {
+            http_get(port, "/metrics")
+                .map(|(_, body)| body)
+                .filter(|body| sample(body, series) == Some(want))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_retry_and_redelivery_counters_match_the_database() {
+    let db = TestDb::new("metrics_match_db").await;
+    let client = db.client().await;
+    // Outcome by id prefix: bad- fails permanently, doomed- always fails retryably (SQLSTATE
+    // 40001), flaky- fails retryably until its third attempt, anything else succeeds.
+    client
+        .batch_execute(
+            "create function outcome(rid text, bname text) returns int language plpgsql as $$
+             declare a int;
+             begin
+               select r.attempt into a from tally.record r join tally.batch b on b.id = r.batch_id
+                where b.name = bname and r.record_id = rid;
+               if rid like 'bad-%' then
+                 raise exception 'bad record' using errcode = '22023';
+               elsif rid like 'doomed-%' or (rid like 'flaky-%' and a < 3) then
+                 raise exception 'busy' using errcode = '40001';
+               end if;
+               return a;
+             end $$",
+        )
+        .await
+        .expect("create outcome()");
+    let mut input = String::new();
+    for (prefix, n) in [("ok", 60), ("flaky", 10), ("doomed", 5), ("bad", 5)] {
+        for i in 0..n {
+            input.push_str(&format!("{{\"id\":\"{prefix}-{i}\"}}\n"));
+        }
+    }
+    let (code, _, err) = tally_tests::coordinator_with_stdin(
+        &db.url,
+        &[
+            "prepare",
+            "b",
+            "--queue",
+            "q",
+            "--from-file",
+            "-",
+            "--max-attempts",
+            "3",
+            "--backoff-base",
+            "10ms",
+            "--backoff-max",
+            "50ms",
+        ],
+        Some(input.as_bytes()),
+    );
+    assert_eq!(code, 0, "{err}");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _worker = tally_tests::start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "sql",
+            "--sql",
+            "select outcome($1, $3)",
+            "--sql-chunk",
+            "7",
+            "--poll-interval",
+            "100ms",
+            "--breaker-threshold",
+            "100000",
+            "--listen",
+            &listen,
+        ],
+    );
+    let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
+    assert_eq!(code, 3, "finished with failures: {out}{err}");
+
+    let q = |sql: &'static str| {
+        let client = &client;
+        async move { tally_tests::query_i64(client, sql, &[]).await as f64 }
+    };
+    let complete = q("select count(*) from tally.record where state = 'complete'").await;
+    let exhausted = q("select count(*) from tally.record \
+                       where state = 'failed' and last_error like '%attempts exhausted%'")
+    .await;
+    let permanent = q("select count(*) from tally.record \
+                       where state = 'failed' and last_error not like '%attempts exhausted%'")
+    .await;
+    // No lease expired here, so every attempt after the first followed a retry.
+    let later_attempts = q("select coalesce(sum(attempt - 1), 0)::bigint from tally.record").await;
+    assert_eq!(
+        (complete, exhausted, permanent, later_attempts),
+        (70.0, 5.0, 5.0, 30.0),
+        "the database holds the expected outcomes"
+    );
+
+    let metrics = scrape_when(
+        port,
+        "tally_worker_records_completed_total{queue=\"q\"}",
+        complete,
+    )
+    .await;
+    for (series, want) in [
+        (
+            "tally_worker_records_failed_total{queue=\"q\",reason=\"exhausted\"}",
+            exhausted,
+        ),
+        (
+            "tally_worker_records_failed_total{queue=\"q\",reason=\"permanent\"}",
+            permanent,
+        ),
+        (
+            "tally_worker_records_retried_total{queue=\"q\"}",
+            later_attempts,
+        ),
+        (
+            "tally_worker_records_redelivered_total{queue=\"q\"}",
+            later_attempts,
+        ),
+        (
+            "tally_worker_records_claimed_total{queue=\"q\"}",
+            80.0 + later_attempts,
+        ),
+        ("tally_worker_records_in_flight{queue=\"q\"}", 0.0),
+        ("tally_worker_leases_lost_total{queue=\"q\"}", 0.0),
+    ] {
+        assert_eq!(
+            sample(&metrics, series),
+            Some(want),
+            "{series} in:\n{metrics}"
+        );
+    }
+    assert!(
+        !metrics.contains("busy") && !metrics.contains("doomed-"),
+        "error texts and record ids never become labels"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expiring_on_the_last_attempt_counts_as_exhausted() {
+    let db = TestDb::new("metrics_lease_exhausted").await;
+    let (code, _, err) = tally_tests::coordinator_with_stdin(
+        &db.url,
+        &[
+            "prepare",
+            "b",
+            "--queue",
+            "q",
+            "--from-file",
+            "-",
+            "--max-attempts",
+            "1",
+        ],
+        Some(b"{\"id\":\"a\"}\n"),
+    );
+    assert_eq!(code, 0, "{err}");
+    // A worker that claims the only record and dies: its one attempt is used up.
+    let store = db.store().await;
+    let client = db.client().await;
+    let batch = tally_tests::batch_id(&client, "b").await;
+    let claimed = store
+        .claim(batch, 10, "dead-worker", Duration::from_secs(600))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(tally_tests::backdate_lease(&client, claimed[0].id).await, 1);
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _worker = tally_tests::start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "noop",
+            "--rescue-interval",
+            "200ms",
+            "--listen",
+            &listen,
+        ],
+    );
+    let metrics = scrape_when(
+        port,
+        "tally_worker_records_failed_total{queue=\"q\",reason=\"exhausted\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "tally_worker_records_failed_total{queue=\"q\",reason=\"permanent\"}"
+        ),
+        Some(0.0)
+    );
+    let counts = tally_tests::counts_by_state(&client, "b").await;
+    assert_eq!((counts.failed, counts.total()), (1, 1), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_default_port_means_no_endpoints_but_a_taken_explicit_one_is_bad_usage() {
+    let db = TestDb::new("listen_default_taken").await;
+    // Hold the default port (if another process holds it already, it is just as taken).
+    let _held = std::net::TcpListener::bind("0.0.0.0:9460");
+    let scratch = tally_tests::TempDir::new("listen");
+    let log = scratch.0.join("worker.log");
+    let mut worker = ChildGuard::new(
+        "worker",
+        Command::new(binary("worker"))
+            .args([
+                "--queue",
+                "q",
+                "--handler",
+                "noop",
+                "--poll-interval",
+                "200ms",
+            ])
+            .env("DATABASE_URL", &db.url)
+            .env_remove("TALLY_LISTEN")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create log"))
+            .spawn()
+            .expect("spawn worker"),
+    );
+    let (code, _, err) = tally_tests::coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b", "--queue", "q", "--from-file", "-"],
+        Some(&tally_tests::jsonl_ids(20)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
+    assert_eq!(code, 0, "the worker works without endpoints: {out}{err}");
+    worker.signal(libc::SIGTERM);
+    let status = worker.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        stderr.contains("0.0.0.0:9460") && stderr.contains("running without"),
+        "{stderr}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    for (listen, says) in [(addr.as_str(), addr.as_str()), ("nowhere", "\"nowhere\"")] {
+        let out = Command::new(binary("worker"))
+            .args(["--queue", "q", "--handler", "noop", "--listen", listen])
+            .env("DATABASE_URL", &db.url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "--listen {listen}: {stderr}");
+        assert!(stderr.contains(says), "--listen {listen}: {stderr}");
+    }
 }
