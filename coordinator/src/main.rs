@@ -2,11 +2,27 @@
 
 use clap::Parser;
 use std::process::ExitCode;
+use tally::logging::LogFormat;
 use tally_coordinator::{exit, Cli};
 
+/// The commands, plus how to log.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Prepare batches of records, watch them and retry their failures"
+)]
+struct Args {
+    #[command(flatten)]
+    cli: Cli,
+    /// Log lines on stderr: text (human-readable) or json (one object per line). The level
+    /// comes from RUST_LOG (default warn).
+    #[arg(long, global = true, env = tally::logging::ENV_LOG_FORMAT, value_name = "text|json", default_value_t = tally::logging::DEFAULT_LOG_FORMAT)]
+    log_format: LogFormat,
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let Args { cli, log_format } = match Args::try_parse() {
+        Ok(args) => args,
         Err(e) if e.use_stderr() => {
             let _ = e.print();
             return ExitCode::from(exit::USAGE);
@@ -16,12 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = tally::logging::init(log_format, "warn") {
+        eprintln!("coordinator: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod error;
 pub mod handler;
 pub mod input;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod names;

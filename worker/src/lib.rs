@@ -3,9 +3,8 @@
 //! the fence, rescue expired leases, and drain on shutdown.
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//! use tally::{Handler, HandlerError, RecordContext, Store};
-//! use tally_worker::{Processor, Worker, WorkerConfig};
+//! use std::time::Duration;
+//! use tally_worker::{Handler, HandlerError, RecordContext, Worker};
 //!
 //! struct Print;
 //!
@@ -18,17 +17,28 @@
 //! }
 //!
 //! # async fn run() -> anyhow::Result<()> {
-//! let store = Store::connect("postgres://postgres@127.0.0.1/postgres", 8).await?;
-//! let config = WorkerConfig::new("emails");
-//! let shutdown = tokio_util::sync::CancellationToken::new();
-//! Worker::new(store, config, Processor::Handler(Arc::new(Print))).run(shutdown).await?;
+//! let worker = Worker::builder("postgres://postgres@127.0.0.1/postgres", "emails")
+//!     .handler(Print)
+//!     .concurrency(8)
+//!     .lease(Duration::from_secs(30))
+//!     .build()?; // every configuration problem at once
+//! let shutdown = tokio_util::sync::CancellationToken::new(); // cancel on SIGTERM to drain
+//! let summary = worker.run(shutdown).await?;
+//! println!("{} complete, {} failed", summary.completed, summary.failed);
 //! # Ok(()) }
 //! ```
+//!
+//! See [`WorkerBuilder`] for every setting, [`Handler`] for how errors are classified, and
+//! `worker/examples/custom_handler.rs` for a complete program with signal handling.
 
+mod builder;
+pub mod handlers;
 pub mod health;
 mod listener;
 mod run;
 
+pub use builder::{default_pool_size, Database, WorkerBuilder};
+pub use handlers::{ExecConfig, ExecHandler, HttpConfig, HttpHandler};
 pub use health::Health;
 pub use run::{RunSummary, Worker};
 pub use tally::{Handler, HandlerError, RecordContext};
@@ -60,15 +70,23 @@ pub const DEFAULT_BREAKER_MAX_COOLDOWN: Duration = Duration::from_secs(600);
 /// How one worker behaves.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Queue whose ready batches are claimed.
     pub queue: String,
     /// Lease owner written on claimed rows; unique per process.
     pub worker_id: String,
+    /// Records (or SQL transactions) processed at once.
     pub concurrency: usize,
+    /// Most rows taken per claim.
     pub claim_size: usize,
+    /// Lease on claimed rows, renewed every third of it while they are processed.
     pub lease: Duration,
+    /// Fallback poll when no notification arrives.
     pub poll_interval: Duration,
+    /// How often to look for expired leases of dead workers.
     pub rescue_interval: Duration,
+    /// Time given to in-flight records once shutdown is requested.
     pub grace_period: Duration,
+    /// The queue's fleet-wide circuit breaker.
     pub breaker: tally::BreakerPolicy,
 }
 
@@ -158,7 +176,9 @@ pub enum Processor {
     /// The operator's statement runs with `$1` record id (text), `$2` payload (jsonb),
     /// `$3` batch (text), in the same transaction as the completion: exactly-once effect.
     Sql {
+        /// The statement, run once per record.
         statement: String,
+        /// Records per transaction.
         chunk_size: usize,
     },
 }
@@ -176,8 +196,10 @@ impl Handler for NoopHandler {
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// Settings that cannot work, every problem found (exit code 64 in the binary).
     #[error("invalid configuration: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// The database refused or failed: unreachable, no schema, an invalid statement.
     #[error(transparent)]
     Store(#[from] tally::StoreError),
 }

@@ -1,18 +1,21 @@
 //! The claim loop and its helpers: dispatch, batched completion, lease renewal, rescue, drain.
 
-use crate::{listener, Health, Processor, WorkerConfig, WorkerError};
+use crate::{listener, Database, Health, Processor, WorkerConfig, WorkerError};
+use futures::FutureExt;
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally::backoff::full_jitter;
-use tally::metrics::WorkerMetrics;
+use tally::metrics::{FailReason, WorkerMetrics};
 use tally::{
     BreakerGate, ClaimableBatch, ClaimedRecord, HandlerError, Outcome, RecordContext, RecordState,
     Store,
 };
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Outcomes written per statement, at most.
 const FLUSH_MAX: usize = 1000;
@@ -31,20 +34,24 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Counts of what one run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RunSummary {
+    /// Records this worker completed.
     pub completed: u64,
+    /// Records this worker failed (permanent errors and spent attempts).
     pub failed: u64,
+    /// Records sent back to pending for another attempt.
     pub retried: u64,
     /// Outcomes refused by the fence: the lease had passed to another worker.
     pub lost_leases: u64,
     /// Rows given back unstarted at shutdown.
     pub released: u64,
+    /// Rows of dead workers' expired leases this worker returned to pending (or failed).
     pub rescued: u64,
 }
 
 fn summary(m: &WorkerMetrics) -> RunSummary {
     RunSummary {
         completed: m.completed.get(),
-        failed: m.failed.get(),
+        failed: m.failed_total(),
         retried: m.retried.get(),
         lost_leases: m.lost_leases.get(),
         released: m.released.get(),
@@ -53,11 +60,12 @@ fn summary(m: &WorkerMetrics) -> RunSummary {
 }
 
 /// Counts an outcome that was written.
-fn count(m: &WorkerMetrics, outcome: &Outcome) {
+fn count(shared: &Shared, outcome: &Outcome) {
+    let m = &shared.metrics;
     match outcome.state {
         RecordState::Complete => m.completed.inc(),
         RecordState::Pending => m.retried.inc(),
-        _ => m.failed.inc(),
+        _ => m.count_failed(shared.fail_reason(outcome)),
     }
 }
 
@@ -71,6 +79,10 @@ struct InFlight {
     leases: HashMap<i64, usize>,
     /// Leases whose rows are all written back, to delete.
     finished_leases: Vec<i64>,
+    /// Lease id -> token given to its records' handlers: fires when the lease is lost.
+    lease_cancel: HashMap<i64, CancellationToken>,
+    /// (row id, attempt) of failures that used up the last attempt, for the metric's reason.
+    exhausted: HashSet<(i64, i32)>,
 }
 
 /// State shared by the worker's tasks.
@@ -100,12 +112,48 @@ impl Shared {
             for r in records {
                 f.rows.insert((r.id, r.attempt), r.lease_id);
                 *f.leases.entry(r.lease_id).or_default() += 1;
+                f.lease_cancel
+                    .entry(r.lease_id)
+                    .or_insert_with(|| self.hard.child_token());
             }
             self.metrics.in_flight.set(f.rows.len() as i64);
         }
         self.metrics.claimed.inc_by(records.len() as u64);
-        let again = records.iter().filter(|r| r.attempt > 1).count();
+    }
+
+    /// A handler (or SQL chunk) starts on these records.
+    fn note_started<'a>(&self, records: impl IntoIterator<Item = &'a ClaimedRecord>) {
+        let again = records.into_iter().filter(|r| r.attempt > 1).count();
         self.metrics.redelivered.inc_by(again as u64);
+    }
+
+    /// The outcome for a handler error, remembering whether it used up the last attempt.
+    fn failure(
+        &self,
+        batch: &ClaimableBatch,
+        record: &ClaimedRecord,
+        error: HandlerError,
+    ) -> Outcome {
+        if attempts_exhausted(batch, record, &error) {
+            if let Ok(mut f) = self.in_flight.lock() {
+                f.exhausted.insert((record.id, record.attempt));
+            }
+        }
+        failure_outcome(batch, record, error)
+    }
+
+    /// Why a failed outcome failed (see [`Shared::failure`]).
+    fn fail_reason(&self, outcome: &Outcome) -> FailReason {
+        let exhausted = self
+            .in_flight
+            .lock()
+            .map(|f| f.exhausted.contains(&(outcome.id, outcome.attempt)))
+            .unwrap_or(false);
+        if exhausted {
+            FailReason::Exhausted
+        } else {
+            FailReason::Permanent
+        }
     }
 
     /// Done with these claimed rows (by id and attempt): frees their room.
@@ -114,6 +162,7 @@ impl Shared {
         if let Ok(mut f) = self.in_flight.lock() {
             for row in rows {
                 n += 1;
+                f.exhausted.remove(&row);
                 let Some(lease) = f.rows.remove(&row) else {
                     continue;
                 };
@@ -121,6 +170,7 @@ impl Shared {
                     *left -= 1;
                     if *left == 0 {
                         f.leases.remove(&lease);
+                        f.lease_cancel.remove(&lease);
                         f.finished_leases.push(lease);
                     }
                 }
@@ -128,6 +178,39 @@ impl Shared {
             self.metrics.in_flight.set(f.rows.len() as i64);
         }
         self.room.add_permits(n);
+    }
+
+    /// The token for handlers of rows under `lease`: fires on hard stop or when the lease is lost.
+    fn lease_token(&self, lease: i64) -> CancellationToken {
+        self.in_flight
+            .lock()
+            .ok()
+            .and_then(|f| f.lease_cancel.get(&lease).cloned())
+            .unwrap_or_else(|| self.hard.clone())
+    }
+
+    /// These leases were taken over: their handlers' work can no longer be recorded.
+    fn cancel_leases(&self, leases: &[i64]) {
+        if let Ok(f) = self.in_flight.lock() {
+            for lease in leases {
+                if let Some(token) = f.lease_cancel.get(lease) {
+                    token.cancel();
+                }
+            }
+        }
+    }
+
+    /// The fence refused these rows (by id and attempt): the claims holding them were rescued,
+    /// so the other rows of those claims are lost too.
+    fn cancel_leases_of(&self, rows: impl IntoIterator<Item = (i64, i32)>) {
+        let leases: Vec<i64> = match self.in_flight.lock() {
+            Ok(f) => rows
+                .into_iter()
+                .filter_map(|row| f.rows.get(&row).copied())
+                .collect(),
+            Err(_) => return,
+        };
+        self.cancel_leases(&leases);
     }
 
     /// Leases with rows still in flight, and the finished ones (taken).
@@ -170,8 +253,13 @@ impl Shared {
 }
 
 /// A worker bound to a store, a configuration and a processor.
+///
+/// Build one with [`Worker::builder`] (settings checked at once), or with [`Worker::new`]
+/// from a [`WorkerConfig`]; then call [`Worker::run`].
 pub struct Worker {
-    store: Store,
+    database: Database,
+    /// Pool size when `database` is a URL.
+    pool_size: usize,
     config: WorkerConfig,
     processor: Processor,
     health: Arc<Health>,
@@ -179,9 +267,21 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker on an open store; `config` is checked when it runs.
     pub fn new(store: Store, config: WorkerConfig, processor: Processor) -> Self {
+        let pool_size = crate::default_pool_size(config.concurrency);
+        Worker::with_database(Database::Store(store), pool_size, config, processor)
+    }
+
+    pub(crate) fn with_database(
+        database: Database,
+        pool_size: usize,
+        config: WorkerConfig,
+        processor: Processor,
+    ) -> Self {
         Worker {
-            store,
+            database,
+            pool_size,
             config,
             processor,
             health: Health::new(),
@@ -204,10 +304,21 @@ impl Worker {
     /// Runs until `shutdown` fires, then stops claiming, lets in-flight records finish within
     /// the grace period, gives back rows it never started, and returns what it did.
     pub async fn run(self, shutdown: CancellationToken) -> Result<RunSummary, WorkerError> {
+        // Every line of this worker, its tasks and its records' spans carry the queue.
+        let span = tracing::info_span!(
+            "worker",
+            queue = %self.config.queue,
+            worker = %self.config.worker_id
+        );
+        self.run_in_span(shutdown).instrument(span).await
+    }
+
+    async fn run_in_span(self, shutdown: CancellationToken) -> Result<RunSummary, WorkerError> {
         self.config.validate().map_err(WorkerError::Config)?;
-        self.store.check_schema().await?;
+        let store = self.database.open(self.pool_size).await?;
+        store.check_schema().await?;
         if let Processor::Sql { statement, .. } = &self.processor {
-            self.store.check_statement(statement).await?;
+            store.check_statement(statement).await?;
         }
         let config = self.config;
         let max_outstanding = config.claim_size.max(config.concurrency) * 2;
@@ -219,7 +330,7 @@ impl Worker {
             ),
         };
         let shared = Arc::new(Shared {
-            store: self.store,
+            store,
             metrics,
             in_flight: Mutex::new(InFlight::default()),
             room: Arc::new(Semaphore::new(max_outstanding)),
@@ -234,17 +345,20 @@ impl Worker {
         let background = CancellationToken::new();
         let wake = Arc::new(Notify::new());
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(listener::listen(
-            shared.store.config().clone(),
-            shared.config.queue.clone(),
-            wake.clone(),
-            background.clone(),
-        ));
-        tasks.spawn(rescue_loop(shared.clone(), background.clone()));
-        tasks.spawn(renew_loop(shared.clone(), background.clone()));
-        tasks.spawn(progress_loop(shared.clone(), background.clone()));
+        tasks.spawn(
+            listener::listen(
+                shared.store.clone(),
+                shared.config.queue.clone(),
+                wake.clone(),
+                background.clone(),
+            )
+            .in_current_span(),
+        );
+        tasks.spawn(rescue_loop(shared.clone(), background.clone()).in_current_span());
+        tasks.spawn(renew_loop(shared.clone(), background.clone()).in_current_span());
+        tasks.spawn(progress_loop(shared.clone(), background.clone()).in_current_span());
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
-        let completer = tokio::spawn(complete_loop(shared.clone(), outcomes_rx));
+        let completer = tokio::spawn(complete_loop(shared.clone(), outcomes_rx).in_current_span());
 
         tracing::info!(
             worker = %shared.config.worker_id,
@@ -252,6 +366,7 @@ impl Worker {
             concurrency = shared.config.concurrency,
             "worker started"
         );
+        shared.health.set_poll_interval(shared.config.poll_interval);
         shared.health.set_connected(true);
         claim_loop(&shared, &self.processor, &wake, outcomes_tx).await;
         shared.health.set_draining();
@@ -408,32 +523,10 @@ fn dispatch(
                     batch.clone(),
                     outcomes.clone(),
                 );
-                tokio::spawn(async move {
-                    let Some(_permit) = start_or_release(&shared, &[&record]).await else {
-                        return;
-                    };
-                    let ctx = RecordContext {
-                        idempotency_key: RecordContext::idempotency_key_for(
-                            &batch.name,
-                            &record.record_id,
-                        ),
-                        batch: batch.name.clone(),
-                        record_id: record.record_id.clone(),
-                        attempt: record.attempt,
-                        cancel: shared.hard.clone(),
-                    };
-                    let timer = shared.metrics.handler_seconds.start_timer();
-                    let result = tokio::select! {
-                        r = handler.handle(&ctx, &record.payload) => r,
-                        _ = shared.hard.cancelled() => return,
-                    };
-                    timer.observe_duration();
-                    let outcome = match result {
-                        Ok(()) => Outcome::complete(&record),
-                        Err(e) => failure_outcome(&batch, &record, e),
-                    };
-                    let _ = outcomes.send(outcome);
-                });
+                let span = record_span(&batch, &record);
+                tokio::spawn(
+                    process_record(shared, handler, batch, record, outcomes).instrument(span),
+                );
             }
         }
         Processor::Sql {
@@ -447,16 +540,57 @@ fn dispatch(
                     batch.clone(),
                     chunk.to_vec(),
                 );
-                tokio::spawn(async move {
-                    let refs: Vec<&ClaimedRecord> = chunk.iter().collect();
-                    let Some(_permit) = start_or_release(&shared, &refs).await else {
-                        return;
-                    };
-                    run_sql_chunk(&shared, &statement, &batch, &chunk).await;
-                });
+                tokio::spawn(
+                    async move {
+                        let refs: Vec<&ClaimedRecord> = chunk.iter().collect();
+                        let Some(_permit) = start_or_release(&shared, &refs).await else {
+                            return;
+                        };
+                        shared.note_started(refs);
+                        run_sql_chunk(&shared, &statement, &batch, &chunk).await;
+                    }
+                    .in_current_span(),
+                );
             }
         }
     }
+}
+
+/// Processes one claimed record with the handler and queues its outcome for writing.
+async fn process_record(
+    shared: Arc<Shared>,
+    handler: Arc<dyn tally::Handler>,
+    batch: Arc<ClaimableBatch>,
+    record: ClaimedRecord,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    let Some(_permit) = start_or_release(&shared, &[&record]).await else {
+        return;
+    };
+    shared.note_started([&record]);
+    let ctx = RecordContext {
+        idempotency_key: RecordContext::idempotency_key_for(&batch.name, &record.record_id),
+        batch: batch.name.clone(),
+        record_id: record.record_id.clone(),
+        attempt: record.attempt,
+        cancel: shared.lease_token(record.lease_id),
+    };
+    let timer = shared.metrics.handler_seconds.start_timer();
+    let result = tokio::select! {
+        r = handle_caught(handler.as_ref(), &ctx, &record.payload) => r,
+        // Cut short: not a handler duration (a dropped timer would record one).
+        _ = shared.hard.cancelled() => {
+            timer.stop_and_discard();
+            return;
+        }
+    };
+    timer.observe_duration();
+    let outcome = match result {
+        Ok(()) => Outcome::complete(&record),
+        Err(e) => shared.failure(&batch, &record, e),
+    };
+    log_outcome(&outcome);
+    let _ = outcomes.send(outcome);
 }
 
 /// Waits for a handler slot; if the worker is stopping first, gives the rows back unstarted.
@@ -488,11 +622,21 @@ async fn start_or_release(
     None
 }
 
+/// A retryable error on the last allowed attempt: the record fails as exhausted.
+fn attempts_exhausted(
+    batch: &ClaimableBatch,
+    record: &ClaimedRecord,
+    error: &HandlerError,
+) -> bool {
+    matches!(error, HandlerError::Retryable { .. }) && record.attempt >= batch.max_attempts
+}
+
 /// Retry with backoff while attempts remain, else fail; permanent errors fail at once.
 fn failure_outcome(batch: &ClaimableBatch, record: &ClaimedRecord, error: HandlerError) -> Outcome {
+    let exhausted = attempts_exhausted(batch, record, &error);
     let (state, message, retry_in) = match error {
         HandlerError::Permanent { message } => (RecordState::Failed, message, Duration::ZERO),
-        HandlerError::Retryable { message, .. } if record.attempt >= batch.max_attempts => (
+        HandlerError::Retryable { message, .. } if exhausted => (
             RecordState::Failed,
             format!(
                 "{message} (attempts exhausted: {} of {})",
@@ -521,6 +665,76 @@ fn failure_outcome(batch: &ClaimableBatch, record: &ClaimedRecord, error: Handle
     }
 }
 
+/// The span of one record's processing: its lines carry the batch, record id and attempt.
+/// At debug level only, so that a busy worker at `info` does not pay for a span per record.
+fn record_span(batch: &ClaimableBatch, record: &ClaimedRecord) -> tracing::Span {
+    tracing::debug_span!(
+        "record",
+        batch = %batch.name,
+        record_id = %record.record_id,
+        attempt = record.attempt
+    )
+}
+
+/// One debug line per record outcome (inside the record's span).
+fn log_outcome(outcome: &Outcome) {
+    let error = outcome.error.as_deref().unwrap_or_default();
+    match outcome.state {
+        RecordState::Complete => tracing::debug!(state = "complete", "record complete"),
+        RecordState::Pending => tracing::debug!(
+            state = "pending",
+            error,
+            retry_in = ?outcome.retry_in,
+            "record failed; retried after the delay"
+        ),
+        _ => tracing::debug!(state = "failed", reason = error, "record failed"),
+    }
+}
+
+/// [`log_outcome`] for each record of an SQL chunk.
+fn log_chunk_outcomes(
+    batch: &ClaimableBatch,
+    chunk: &[ClaimedRecord],
+    result: &tally::store::TransactionalResult,
+) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let failed: HashMap<i64, &Outcome> = result.failed.iter().map(|o| (o.id, o)).collect();
+    let lost: HashSet<i64> = result.lost.iter().copied().collect();
+    for record in chunk {
+        let _span = record_span(batch, record).entered();
+        if lost.contains(&record.id) {
+            tracing::debug!("record not written: the lease was lost");
+        } else if let Some(outcome) = failed.get(&record.id) {
+            log_outcome(outcome);
+        } else {
+            log_outcome(&Outcome::complete(record));
+        }
+    }
+}
+
+/// Runs the handler; a panic becomes a retryable failure, so that its row is not stranded
+/// (renewed forever, never written back).
+async fn handle_caught(
+    handler: &dyn tally::Handler,
+    ctx: &RecordContext,
+    payload: &serde_json::Value,
+) -> Result<(), HandlerError> {
+    let caught = AssertUnwindSafe(handler.handle(ctx, payload))
+        .catch_unwind()
+        .await;
+    caught.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("non-string payload");
+        tracing::warn!(batch = %ctx.batch, record_id = %ctx.record_id, "handler panicked: {message}");
+        Err(HandlerError::retryable(format!("handler panicked: {message}")))
+    })
+}
+
 async fn run_sql_chunk(
     shared: &Arc<Shared>,
     statement: &str,
@@ -540,7 +754,7 @@ async fn run_sql_chunk(
                 } else {
                     HandlerError::permanent(failure.message.clone())
                 };
-                failure_outcome(batch, record, error)
+                shared.failure(batch, record, error)
             })
             .await;
         match result {
@@ -548,7 +762,7 @@ async fn run_sql_chunk(
                 let m = &shared.metrics;
                 m.completed.inc_by(result.completed);
                 for outcome in &result.failed {
-                    count(m, outcome);
+                    count(shared, outcome);
                 }
                 // One transaction served the chunk: spread its time over its records.
                 let per_record = started.elapsed().as_secs_f64() / chunk.len().max(1) as f64;
@@ -556,6 +770,7 @@ async fn run_sql_chunk(
                     m.handler_seconds.observe(per_record);
                 }
                 shared.note_refused(&result.lost, retrying);
+                log_chunk_outcomes(batch, chunk, &result);
                 if result.failed.iter().any(|o| o.state == RecordState::Failed) {
                     check_failure_limits(shared, &[batch.id]).await;
                 }
@@ -667,7 +882,7 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
             let mut failed_in = Vec::new();
             for outcome in &buffer {
                 if written.contains(&outcome.id) {
-                    count(&shared.metrics, outcome);
+                    count(&shared, outcome);
                     if outcome.state == RecordState::Failed
                         && !failed_in.contains(&outcome.batch_id)
                     {
@@ -678,6 +893,15 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
                 }
             }
             shared.note_refused(&lost, retrying);
+            if !retrying && !lost.is_empty() {
+                let lost: HashSet<i64> = lost.into_iter().collect();
+                shared.cancel_leases_of(
+                    buffer
+                        .iter()
+                        .filter(|o| lost.contains(&o.id))
+                        .map(|o| (o.id, o.attempt)),
+                );
+            }
             check_failure_limits(&shared, &failed_in).await;
             let count = |state| {
                 buffer
@@ -726,6 +950,9 @@ async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
                         lost = active.len() - kept.len(),
                         "leases expired and were rescued before renewal; their rows will be refused"
                     );
+                    let kept: HashSet<i64> = kept.into_iter().collect();
+                    let lost: Vec<i64> = active.into_iter().filter(|l| !kept.contains(l)).collect();
+                    shared.cancel_leases(&lost);
                 }
             }
             Err(e) => tracing::warn!("renewing {} leases failed: {e}", active.len()),
@@ -745,10 +972,12 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 Ok(s) => {
                     check_failure_limits(&shared, &s.batches_with_failures).await;
                     let n = s.to_pending + s.to_failed;
+                    shared.metrics.rescued.inc_by(n);
+                    // Their lease expired on the last attempt.
+                    shared.metrics.failed_exhausted.inc_by(s.to_failed);
                     if n == 0 || stop.is_cancelled() {
                         break;
                     }
-                    shared.metrics.rescued.inc_by(n);
                     tracing::info!(
                         back_to_pending = s.to_pending,
                         failed = s.to_failed,
