@@ -68,28 +68,38 @@ impl Drop for TestDb {
         if std::env::var_os("TALLY_KEEP_TEST_DB").is_some() {
             return;
         }
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // A thread of its own: Drop may run inside a runtime, which cannot block on another.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
+        execute_detached(vec![(
+            self.admin.clone(),
+            format!("drop database if exists \"{}\" with (force)", self.name),
+        )]);
+    }
+}
+
+/// Runs each `(url, statement)` on a connection of its own, from a thread and runtime of its
+/// own: `Drop` may run inside a runtime, which cannot block on another. Failures are reported
+/// on stderr, never raised (this is cleanup).
+pub fn execute_detached(steps: Vec<(String, String)>) {
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            for (url, sql) in steps {
                 if let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
                 {
                     tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("drop database if exists \"{name}\" with (force)"))
-                        .await;
+                    if let Err(e) = client.batch_execute(&sql).await {
+                        eprintln!("{sql}: {e}");
+                    }
                 }
-            });
-        })
-        .join();
-    }
+            }
+        });
+    })
+    .join();
 }
 
 /// Connects a plain client (the connection is driven by a spawned task).
@@ -128,10 +138,26 @@ pub fn coordinator_with_stdin(
     args: &[&str],
     stdin: Option<&[u8]>,
 ) -> (i32, String, String) {
+    let out = output_with_stdin(
+        Command::new(binary("coordinator"))
+            .args(args)
+            .env("DATABASE_URL", url),
+        stdin,
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `cmd` to its end with `stdin` written to it (or stdin closed), capturing stdout and
+/// stderr. A write the process does not read (it exited early) is not an error here: its exit
+/// status tells.
+pub fn output_with_stdin(cmd: &mut Command, stdin: Option<&[u8]>) -> std::process::Output {
     use std::io::Write;
-    let mut child = Command::new(binary("coordinator"))
-        .args(args)
-        .env("DATABASE_URL", url)
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -140,29 +166,21 @@ pub fn coordinator_with_stdin(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn coordinator");
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
     if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
         let _ = pipe.write_all(data);
     }
-    let out = child.wait_with_output().expect("wait coordinator");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {program}: {e}"))
 }
 
 /// Starts a `worker` process; the caller kills or waits for it. Its endpoints are off
 /// (tests run many workers at once) unless `args` has a `--listen`, which wins over the env.
 pub fn spawn_worker(url: &str, args: &[&str]) -> Child {
-    Command::new(binary("worker"))
+    WorkerCmd::bare(url)
         .args(args)
-        .env("DATABASE_URL", url)
-        .env("TALLY_LISTEN", "off")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .command()
         .spawn()
         .expect("spawn worker")
 }
@@ -688,4 +706,231 @@ pub fn jsonl_ids(n: u32) -> Vec<u8> {
         .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
         .collect::<String>()
         .into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared setup of the integration suite: workers, batches, sinks, HTTP and metrics.
+// ---------------------------------------------------------------------------------------------
+
+/// A `worker` command line under construction: `WorkerCmd::sql(&db.url, "q", statement)
+/// .poll("100ms").listen(port).start()`. Its environment is that of [`spawn_worker`]
+/// (endpoints off, `RUST_LOG=warn`, stdout discarded, stderr inherited) unless changed.
+#[derive(Debug, Clone)]
+pub struct WorkerCmd {
+    url: String,
+    args: Vec<String>,
+    /// Applied in order after the defaults: `Some` sets, `None` removes.
+    env: Vec<(String, Option<String>)>,
+    log: Option<PathBuf>,
+}
+
+impl WorkerCmd {
+    /// `worker` against `url`, without arguments yet.
+    pub fn bare(url: &str) -> WorkerCmd {
+        WorkerCmd {
+            url: url.to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+            log: None,
+        }
+    }
+
+    /// `worker --queue QUEUE --handler HANDLER` against `url`.
+    pub fn new(url: &str, queue: &str, handler: &str) -> WorkerCmd {
+        Self::bare(url).args(&["--queue", queue, "--handler", handler])
+    }
+
+    /// A worker with the `noop` handler.
+    pub fn noop(url: &str, queue: &str) -> WorkerCmd {
+        Self::new(url, queue, "noop")
+    }
+
+    /// A worker with the `sql` handler running `statement`.
+    pub fn sql(url: &str, queue: &str, statement: &str) -> WorkerCmd {
+        Self::new(url, queue, "sql").args(&["--sql", statement])
+    }
+
+    /// More command-line arguments, as given.
+    pub fn args(mut self, args: &[&str]) -> WorkerCmd {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// `--poll-interval INTERVAL`.
+    pub fn poll(self, interval: &str) -> WorkerCmd {
+        self.args(&["--poll-interval", interval])
+    }
+
+    /// `--listen 127.0.0.1:PORT` (endpoints on).
+    pub fn listen(self, port: u16) -> WorkerCmd {
+        self.args(&["--listen", &format!("127.0.0.1:{port}")])
+    }
+
+    /// Sets an environment variable of the process.
+    pub fn env(mut self, key: &str, value: &str) -> WorkerCmd {
+        self.env.push((key.to_string(), Some(value.to_string())));
+        self
+    }
+
+    /// Removes an environment variable (also one of the defaults) from the process.
+    pub fn env_remove(mut self, key: &str) -> WorkerCmd {
+        self.env.push((key.to_string(), None));
+        self
+    }
+
+    /// Writes the worker's stderr to `path` (created afresh) instead of the test's stderr.
+    pub fn log_to(mut self, path: &std::path::Path) -> WorkerCmd {
+        self.log = Some(path.to_path_buf());
+        self
+    }
+
+    /// The command, for callers that run it to completion (e.g. with `.output()`).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(binary("worker"));
+        cmd.args(&self.args)
+            .env("DATABASE_URL", &self.url)
+            .env("TALLY_LISTEN", "off")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (key, value) in &self.env {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        if let Some(path) = &self.log {
+            let file = std::fs::File::create(path)
+                .unwrap_or_else(|e| panic!("create worker log {}: {e}", path.display()));
+            cmd.stderr(file);
+        }
+        cmd
+    }
+
+    /// Starts the worker, guarded by a [`ChildGuard`]; `&self`, so that one command line can
+    /// start several identical workers.
+    pub fn start(&self) -> ChildGuard {
+        ChildGuard::new("worker", self.command().spawn().expect("spawn worker"))
+    }
+}
+
+/// `coordinator prepare BATCH --queue QUEUE --from-file - EXTRA…` with `input` on stdin;
+/// panics with the coordinator's output unless it exits 0.
+pub fn prepare_stdin(url: &str, batch: &str, queue: &str, input: &[u8], extra: &[&str]) {
+    let mut args = vec!["prepare", batch, "--queue", queue, "--from-file", "-"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = coordinator_with_stdin(url, &args, Some(input));
+    assert_eq!(code, 0, "prepare {batch}: {out}{err}");
+}
+
+/// `coordinator prepare BATCH --queue QUEUE --from-file PATH EXTRA…` (on a blocking thread);
+/// panics with the coordinator's output unless it exits 0. Returns its stdout.
+pub async fn prepare_file(
+    url: &str,
+    batch: &str,
+    queue: &str,
+    path: impl AsRef<std::path::Path>,
+    extra: &[&str],
+) -> String {
+    let path = path.as_ref().display().to_string();
+    let mut args = vec!["prepare", batch, "--queue", queue, "--from-file", &path];
+    args.extend_from_slice(extra);
+    let (code, out, err) = coordinator_async(url, &args).await;
+    assert_eq!(code, 0, "prepare {batch}: {out} {err}");
+    out
+}
+
+/// `coordinator wait BATCH --timeout TIMEOUT --interval 100ms` on a blocking thread; returns
+/// (exit code, stdout, stderr).
+pub async fn wait_batch(url: &str, batch: &str, timeout: &str) -> (i32, String, String) {
+    coordinator_async(
+        url,
+        &["wait", batch, "--timeout", timeout, "--interval", "100ms"],
+    )
+    .await
+}
+
+/// Creates the table `table (record_id text not null)` that sql-handler statements write one
+/// row per applied record to.
+pub async fn create_sink(client: &tokio_postgres::Client, table: &str) {
+    let sql = format!("create table {table} (record_id text not null)");
+    client
+        .batch_execute(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Panics unless `table` holds exactly `n` rows with `n` distinct `record_id`s: each record's
+/// effect applied, none twice.
+pub async fn assert_sink_exactly_once(client: &tokio_postgres::Client, table: &str, n: i64) {
+    let total = query_i64(client, &format!("select count(*) from {table}"), &[]).await;
+    let distinct = query_i64(
+        client,
+        &format!("select count(distinct record_id) from {table}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (total, distinct),
+        (n, n),
+        "{table}: rows and distinct record ids (each record processed once)"
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (released before use; fine for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `GET path` on 127.0.0.1:port: status code and body, or `None` when nothing answers yet.
+/// Blocking, with a 5 s read timeout.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:port, or `None` when nothing answers yet.
+pub fn scrape(port: u16) -> Option<String> {
+    http_get(port, "/metrics").map(|(_, body)| body)
+}
+
+/// The value of the first sample of metric `name` in Prometheus text whose labels include
+/// every one of `labels` (each as rendered, e.g. `queue="q"`).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The value of one series (name with its labels, exactly as rendered) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

@@ -2,35 +2,21 @@
 
 use std::time::Duration;
 use tally_tests::{
-    assert_counts_exact, coordinator, coordinator_with_stdin, jsonl_ids, start_worker, TestDb,
+    assert_counts_exact, coordinator, coordinator_with_stdin, jsonl_ids, prepare_stdin, TestDb,
+    WorkerCmd,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_batch_is_not_claimed_until_resumed() {
     let db = TestDb::new("pause_resume").await;
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&jsonl_ids(2000)),
-    );
-    assert_eq!(code, 0, "{err}");
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(2000), &[]);
     let (code, out, err) = coordinator(&db.url, &["pause", "b"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("paused"), "{out}");
     let (code, _, err) = coordinator(&db.url, &["pause", "b"]);
     assert_eq!(code, 1, "pausing twice is refused: {err}");
 
-    let _worker = start_worker(
-        &db.url,
-        &[
-            "--queue",
-            "q",
-            "--handler",
-            "noop",
-            "--poll-interval",
-            "100ms",
-        ],
-    );
+    let _worker = WorkerCmd::noop(&db.url, "q").poll("100ms").start();
     // The worker polls ten times a second: long enough to have claimed, had it been allowed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let store = db.store().await;
@@ -50,19 +36,9 @@ async fn a_paused_batch_is_not_claimed_until_resumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_marks_unfinished_records_and_ends_the_batch() {
     let db = TestDb::new("cancel").await;
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&jsonl_ids(500)),
-    );
-    assert_eq!(code, 0, "{err}");
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(500), &[]);
     // Another batch of the same queue is left alone.
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &["prepare", "other", "--queue", "q", "--from-file", "-"],
-        Some(&jsonl_ids(10)),
-    );
-    assert_eq!(code, 0, "{err}");
+    prepare_stdin(&db.url, "other", "q", &jsonl_ids(10), &[]);
     let (code, out, err) = coordinator(&db.url, &["cancel", "b"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("500 unfinished records"), "{out}");
@@ -97,41 +73,19 @@ async fn a_batch_past_its_failure_limit_is_paused_until_resumed() {
     let input: String = (1..=2000)
         .map(|i| format!("{{\"id\":\"r{i}\",\"n\":{i}}}\n"))
         .collect();
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &[
-            "prepare",
-            "b",
-            "--queue",
-            "q",
-            "--from-file",
-            "-",
-            "--max-failed",
-            "5",
-        ],
-        Some(input.as_bytes()),
-    );
-    assert_eq!(code, 0, "{err}");
+    prepare_stdin(&db.url, "b", "q", input.as_bytes(), &["--max-failed", "5"]);
     // Small claims and chunks, one at a time: the pause takes effect long before the end.
-    let _worker = start_worker(
-        &db.url,
-        &[
-            "--queue",
-            "q",
-            "--handler",
-            "sql",
-            "--sql",
-            "insert into sink values (($2->>'n')::int)",
+    let _worker = WorkerCmd::sql(&db.url, "q", "insert into sink values (($2->>'n')::int)")
+        .args(&[
             "--concurrency",
             "1",
             "--claim-size",
             "20",
             "--sql-chunk",
             "10",
-            "--poll-interval",
-            "100ms",
-        ],
-    );
+        ])
+        .poll("100ms")
+        .start();
     let store = db.store().await;
     let paused = tally_tests::poll_until("the batch pauses", Duration::from_secs(30), || {
         let store = store.clone();

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 use tally_tests::{
-    assert_counts_exact, coordinator, coordinator_with_stdin, poll_until, query_i64, start_worker,
-    TestDb,
+    assert_counts_exact, assert_sink_exactly_once, coordinator, jsonl_ids, poll_until,
+    prepare_stdin, query_i64, TestDb, WorkerCmd,
 };
 
 const SETUP: &str = "
@@ -35,52 +35,30 @@ async fn heavy_breaker_opens_fleet_wide_probes_and_closes_on_recovery() {
     let db = TestDb::new("breaker").await;
     let client = db.client().await;
     client.batch_execute(SETUP).await.unwrap();
-    let input: String = (1..=300)
-        .map(|i| format!("{{\"id\":\"r{i}\"}}\n"))
-        .collect();
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &[
-            "prepare",
-            "b",
-            "--queue",
-            "q",
-            "--from-file",
-            "-",
-            "--max-attempts",
-            "20",
-            "--backoff-base",
-            "10ms",
-            "--backoff-max",
-            "50ms",
-        ],
-        Some(input.as_bytes()),
-    );
-    assert_eq!(code, 0, "{err}");
-    let args = [
-        "--queue",
-        "q",
-        "--handler",
-        "sql",
-        "--sql",
-        "insert into sink select $1 where call_downstream($1)",
-        "--concurrency",
-        "1",
-        "--claim-size",
-        "10",
-        "--sql-chunk",
-        "5",
-        "--poll-interval",
-        "100ms",
-        "--breaker-threshold",
-        "5",
-        "--breaker-cooldown",
-        "1s",
-        "--breaker-max-cooldown",
-        "2s",
+    let retry = [
+        "--max-attempts",
+        "20",
+        "--backoff-base",
+        "10ms",
+        "--backoff-max",
+        "50ms",
     ];
-    let _w1 = start_worker(&db.url, &args);
-    let _w2 = start_worker(&db.url, &args);
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(300), &retry);
+    let statement = "insert into sink select $1 where call_downstream($1)";
+    let worker = WorkerCmd::sql(&db.url, "q", statement)
+        .args(&[
+            "--concurrency",
+            "1",
+            "--claim-size",
+            "10",
+            "--sql-chunk",
+            "5",
+        ])
+        .args(&["--breaker-threshold", "5", "--breaker-cooldown", "1s"])
+        .args(&["--breaker-max-cooldown", "2s"])
+        .poll("100ms");
+    let _w1 = worker.start();
+    let _w2 = worker.start();
 
     poll_until("the breaker opens", Duration::from_secs(20), || async {
         (breaker_state(&client).await != "closed").then_some(())
@@ -118,20 +96,13 @@ async fn heavy_breaker_opens_fleet_wide_probes_and_closes_on_recovery() {
     .await;
     let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
     assert_eq!(code, 0, "{out}{err}");
-    let sink = query_i64(&client, "select count(*) from sink", &[]).await;
-    let distinct = query_i64(&client, "select count(distinct record_id) from sink", &[]).await;
-    assert_eq!((sink, distinct), (300, 300));
+    assert_sink_exactly_once(&client, "sink", 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_closes_an_open_breaker_by_hand() {
     let db = TestDb::new("breaker_resume").await;
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(b"{\"id\":\"a\"}\n"),
-    );
-    assert_eq!(code, 0, "{err}");
+    prepare_stdin(&db.url, "b", "q", b"{\"id\":\"a\"}\n", &[]);
     let store = db.store().await;
     let policy = tally::BreakerPolicy {
         threshold: 2,

@@ -437,21 +437,7 @@ async fn status_json_and_wait_exit_codes() {
     assert_eq!(list, serde_json::json!([]), "no batches yet");
 
     for (batch, queue, path) in [("good", "qgood", &ok), ("poison", "qbad", &bad)] {
-        let (code, stdout, stderr) = coordinator_async(
-            &db.url,
-            &[
-                "prepare",
-                batch,
-                "--queue",
-                queue,
-                "--from-file",
-                path,
-                "--max-attempts",
-                "2",
-            ],
-        )
-        .await;
-        assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
+        let stdout = prepare_file(&db.url, batch, queue, path, &["--max-attempts", "2"]).await;
         assert!(stdout.contains("prepared"), "{stdout}");
     }
     assert_status(

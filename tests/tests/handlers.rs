@@ -231,14 +231,6 @@ async fn prepare(db: &TestDb, dir: &TempDir, batch: &str, records: &[Value], ext
     assert_eq!(code, EXIT_OK, "prepare {batch}: {out}{err}");
 }
 
-async fn wait_batch(db: &TestDb, batch: &str, timeout: &str) -> (i32, String, String) {
-    coordinator_async(
-        &db.url,
-        &["wait", batch, "--timeout", timeout, "--interval", "100ms"],
-    )
-    .await
-}
-
 /// (state, attempt, last_error) of every record of the database, by record id.
 async fn records(db: &TestDb) -> BTreeMap<String, (String, i32, Option<String>)> {
     db.client()
@@ -255,18 +247,11 @@ async fn records(db: &TestDb) -> BTreeMap<String, (String, i32, Option<String>)>
 }
 
 fn http_worker(db: &TestDb, url: &str, extra: &[&str]) -> ChildGuard {
-    let mut args = vec![
-        "--queue",
-        "q",
-        "--handler",
-        "http",
-        "--url",
-        url,
-        "--poll-interval",
-        "200ms",
-    ];
-    args.extend_from_slice(extra);
-    start_worker(&db.url, &args)
+    WorkerCmd::new(&db.url, "q", "http")
+        .args(&["--url", url])
+        .poll("200ms")
+        .args(extra)
+        .start()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,7 +277,7 @@ async fn http_clean_run_delivers_each_record_exactly_once() {
         &server.url("/orders/{id}"),
         &["--concurrency", "32", "--header", "X-Api-Token: secret"],
     );
-    let (code, out, err) = wait_batch(&db, "june:run", "120s").await;
+    let (code, out, err) = wait_batch(&db.url, "june:run", "120s").await;
     assert_eq!(code, EXIT_OK, "{out}{err}");
 
     let deliveries = server.deliveries();
@@ -356,7 +341,7 @@ async fn http_statuses_decide_retry_or_failure() {
         .collect();
     prepare(&db, &dir, "b", &input, &[]).await;
     let _worker = http_worker(&db, &server.url("/x/{id}"), &["--timeout", "500ms"]);
-    let (code, out, err) = wait_batch(&db, "b", "60s").await;
+    let (code, out, err) = wait_batch(&db.url, "b", "60s").await;
     assert_eq!(code, EXIT_FINISHED_WITH_FAILURES, "{out}{err}");
 
     let seen = server.by_record();
@@ -407,7 +392,7 @@ async fn http_retry_after_is_respected_in_seconds_and_as_a_date() {
     let input = [json!({"id": "seconds"}), json!({"id": "date"})];
     prepare(&db, &dir, "b", &input, &[]).await;
     let _worker = http_worker(&db, &server.url("/x/{id}"), &[]);
-    let (code, out, err) = wait_batch(&db, "b", "60s").await;
+    let (code, out, err) = wait_batch(&db.url, "b", "60s").await;
     assert_eq!(code, EXIT_OK, "{out}{err}");
     let seen = server.by_record();
     let gap = |id: &str| {
@@ -428,39 +413,6 @@ async fn http_retry_after_is_respected_in_seconds_and_as_a_date() {
 /// An HTTP date `d` from now.
 fn httpdate_in(d: Duration) -> String {
     httpdate::fmt_http_date(SystemTime::now() + d)
-}
-
-/// A free TCP port on 127.0.0.1 (released before use; fine for a test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// The body of `GET /metrics` on 127.0.0.1:port, or `None` when nothing answers yet.
-fn scrape(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-/// The value of an unlabelled-but-for-queue counter in a Prometheus text page.
-fn counter(page: &str, name: &str) -> Option<u64> {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,7 +476,7 @@ async fn heavy_http_worker_killed_mid_run_redelivers_with_the_same_key() {
         .await
         .expect("killed worker is gone");
 
-    let (code, out, err) = wait_batch(&db, "b", "120s").await;
+    let (code, out, err) = wait_batch(&db.url, "b", "120s").await;
     assert_eq!(code, EXIT_OK, "{out}{err}");
     let c = assert_counts_exact(&db.store().await, &client, "b").await;
     assert_eq!(
@@ -564,7 +516,8 @@ async fn heavy_http_worker_killed_mid_run_redelivers_with_the_same_key() {
     let mut counted = 0;
     for port in &ports[1..] {
         let page = scrape(*port).expect("a surviving worker serves /metrics");
-        counted += counter(&page, "tally_worker_records_redelivered_total")
+        counted += metric(&page, "tally_worker_records_redelivered_total", &[])
+            .map(|v| v as u64)
             .expect("tally_worker_records_redelivered_total on /metrics");
     }
     eprintln!(
@@ -607,28 +560,14 @@ exit 0
 
 fn exec_worker(db: &TestDb, out_dir: &Path, script: &Path, extra: &[&str]) -> ChildGuard {
     let command = format!("sh {}", script.display());
-    let mut args = vec![
-        "--queue",
-        "q",
-        "--handler",
-        "exec",
-        "--command",
-        &command,
-        "--poll-interval",
-        "200ms",
-        "--concurrency",
-        "4",
-    ];
-    args.extend_from_slice(extra);
-    let child = std::process::Command::new(binary("worker"))
-        .args(&args)
-        .env("DATABASE_URL", &db.url)
+    let out_dir = out_dir.to_str().expect("a UTF-8 output directory");
+    WorkerCmd::new(&db.url, "q", "exec")
+        .args(&["--command", &command])
+        .poll("200ms")
+        .args(&["--concurrency", "4"])
+        .args(extra)
         .env("OUT_DIR", out_dir)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn worker");
-    ChildGuard::new("worker", child)
+        .start()
 }
 
 /// Gone, or a zombie nobody reaped yet (it runs no more either way).
@@ -660,7 +599,7 @@ async fn exec_exit_statuses_timeouts_and_stdin() {
     prepare(&db, &dir, "exec:batch", &input, &["--max-attempts", "3"]).await;
     let started = Instant::now();
     let _worker = exec_worker(&db, &out_dir, &script, &["--timeout", "1s"]);
-    let (code, out, err) = wait_batch(&db, "exec:batch", "60s").await;
+    let (code, out, err) = wait_batch(&db.url, "exec:batch", "60s").await;
     assert_eq!(code, EXIT_FINISHED_WITH_FAILURES, "{out}{err}");
     let rows = records(&db).await;
 
@@ -761,82 +700,75 @@ async fn bad_handler_configuration_exits_64_with_every_problem() {
     let with = |more: &[&'static str]| -> Vec<&'static str> {
         q.iter().copied().chain(more.iter().copied()).collect()
     };
-    refused(
-        &with(&["--handler", "http", "--url", "http://api.test/x/{id"]),
-        &["unbalanced '{'"],
-    )
-    .await;
-    refused(
-        &with(&["--handler", "http", "--url", "not a url"]),
-        &["--url \"not a url\" is not a URL"],
-    )
-    .await;
-    refused(
-        &with(&["--handler", "http"]),
-        &["--handler http needs --url"],
-    )
-    .await;
-    refused(
-        &with(&["--handler", "exec", "--command", "  "]),
-        &["--command is empty"],
-    )
-    .await;
-    refused(
-        &with(&[
-            "--handler",
-            "exec",
-            "--command",
-            "no-such-program-xyz --flag",
-        ]),
-        &["\"no-such-program-xyz\" is not an executable file in PATH"],
-    )
-    .await;
-    refused(
-        &with(&["--handler", "frobnicate"]),
-        &["invalid value 'frobnicate'", "--handler"],
-    )
-    .await;
-    // Several problems are reported together.
-    refused(
-        &with(&[
-            "--handler",
-            "http",
-            "--url",
-            "ftp://h/{id}",
-            "--header",
-            "no colon",
-            "--command",
-            "cat",
-            "--max-body",
-            "1MiB",
-        ]),
-        &[
-            "use http or https",
-            "'Name: value'",
-            "--command is only used by --handler exec",
-        ],
-    )
-    .await;
-    refused(
-        &with(&["--handler", "noop", "--url", "http://h/", "--timeout", "5s"]),
-        &[
-            "--url is only used by --handler http",
-            "--timeout is only used by --handler http or exec",
-        ],
-    )
-    .await;
-    refused(
-        &with(&[
-            "--handler",
-            "http",
-            "--url",
-            "http://h/",
-            "--max-body",
-            "lots",
-        ]),
-        &["--max-body", "not a size"],
-    )
-    .await;
+    let cases: [(&[&'static str], &[&str]); 9] = [
+        (
+            &["--handler", "http", "--url", "http://api.test/x/{id"],
+            &["unbalanced '{'"],
+        ),
+        (
+            &["--handler", "http", "--url", "not a url"],
+            &["--url \"not a url\" is not a URL"],
+        ),
+        (&["--handler", "http"], &["--handler http needs --url"]),
+        (
+            &["--handler", "exec", "--command", "  "],
+            &["--command is empty"],
+        ),
+        (
+            &[
+                "--handler",
+                "exec",
+                "--command",
+                "no-such-program-xyz --flag",
+            ],
+            &["\"no-such-program-xyz\" is not an executable file in PATH"],
+        ),
+        (
+            &["--handler", "frobnicate"],
+            &["invalid value 'frobnicate'", "--handler"],
+        ),
+        // Several problems are reported together.
+        (
+            &[
+                "--handler",
+                "http",
+                "--url",
+                "ftp://h/{id}",
+                "--header",
+                "no colon",
+                "--command",
+                "cat",
+                "--max-body",
+                "1MiB",
+            ],
+            &[
+                "use http or https",
+                "'Name: value'",
+                "--command is only used by --handler exec",
+            ],
+        ),
+        (
+            &["--handler", "noop", "--url", "http://h/", "--timeout", "5s"],
+            &[
+                "--url is only used by --handler http",
+                "--timeout is only used by --handler http or exec",
+            ],
+        ),
+        (
+            &[
+                "--handler",
+                "http",
+                "--url",
+                "http://h/",
+                "--max-body",
+                "lots",
+            ],
+            &["--max-body", "not a size"],
+        ),
+    ];
+    for (args, expected) in cases {
+        refused(&with(args), expected).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -899,7 +831,7 @@ async fn http_tls_and_connection_errors_are_retried() {
         )
         .await;
         let mut worker = http_worker(&db, url, &[]);
-        let (code, out, err) = wait_batch(&db, batch, "60s").await;
+        let (code, out, err) = wait_batch(&db.url, batch, "60s").await;
         assert_eq!(code, EXIT_FINISHED_WITH_FAILURES, "{batch}: {out}{err}");
         worker.kill();
         let (state, attempt, error): (String, i32, Option<String>) = db

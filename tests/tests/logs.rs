@@ -56,32 +56,10 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let (name, db_url) = (self.name.clone(), self.db_url.clone());
-        // A thread of its own: Drop may run inside a runtime, which cannot block on another.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                for (url, sql) in [
-                    (db_url, format!("drop owned by {name}")),
-                    (admin_url(), format!("drop role if exists {name}")),
-                ] {
-                    if let Ok((client, conn)) =
-                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                    {
-                        tokio::spawn(conn);
-                        if let Err(e) = client.batch_execute(&sql).await {
-                            eprintln!("{sql}: {e}");
-                        }
-                    }
-                }
-            });
-        })
-        .join();
+        execute_detached(vec![
+            (self.db_url.clone(), format!("drop owned by {}", self.name)),
+            (admin_url(), format!("drop role if exists {}", self.name)),
+        ]);
     }
 }
 

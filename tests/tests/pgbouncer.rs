@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tally_tests::{admin_url, binary, ChildGuard, TempDir, TestDb};
+use tally_tests::{admin_url, free_port, ChildGuard, TempDir, TestDb, WorkerCmd};
 
 const RECORDS: u32 = 2000;
 
@@ -17,13 +17,6 @@ fn server_of(url: &str) -> (String, u16, String) {
     let hostport = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
     let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
     (host.to_string(), port.parse().unwrap_or(5432), user)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Starts pgbouncer (transaction pooling, 2 server connections) in front of `db`; returns it
@@ -90,44 +83,17 @@ async fn two_workers_through_transaction_pooling_apply_each_record_once() {
     // Prepared directly against the server; the workers go through the pool.
     let input = dir.0.join("in.jsonl");
     std::fs::write(&input, tally_tests::jsonl_ids(RECORDS)).unwrap();
-    let (code, out, err) = tally_tests::coordinator(
-        &db.url,
-        &[
-            "prepare",
-            "b1",
-            "--queue",
-            "q",
-            "--from-file",
-            input.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    tally_tests::prepare_file(&db.url, "b1", "q", &input, &[]).await;
 
+    let worker = WorkerCmd::sql(&pooled, "q", "insert into sink (id, batch) values ($1, $3)")
+        .args(&["--pgbouncer", "--concurrency", "4", "--claim-size", "50"])
+        .args(&["--sql-chunk", "10", "--rescue-interval", "1s"])
+        .poll("100ms")
+        .env_remove("DATABASE_URL_FILE");
     let mut workers = Vec::new();
     for i in 0..2 {
         let log = dir.0.join(format!("worker{i}.log"));
-        let child = Command::new(binary("worker"))
-            .args(["--queue", "q", "--handler", "sql", "--pgbouncer"])
-            .args(["--sql", "insert into sink (id, batch) values ($1, $3)"])
-            .args([
-                "--concurrency",
-                "4",
-                "--claim-size",
-                "50",
-                "--sql-chunk",
-                "10",
-            ])
-            .args(["--poll-interval", "100ms", "--rescue-interval", "1s"])
-            .env("DATABASE_URL", &pooled)
-            .env_remove("DATABASE_URL_FILE")
-            .env("TALLY_LISTEN", "off")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        workers.push((ChildGuard::new("worker", child), log));
+        workers.push((worker.clone().log_to(&log).start(), log));
     }
     let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b1", "--timeout", "120s"]);
     assert_eq!(code, 0, "{out}{err}");

@@ -5,15 +5,14 @@
 //! `promtool` and `prometheus` come from the Debian package `prometheus` (scripts/tools.sh).
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use tally_tests::{
-    coordinator, coordinator_with_stdin, poll_until, start_coordinator, start_worker, ChildGuard,
-    TempDir, TestDb,
+    coordinator, free_port, output_with_stdin, poll_until, start_coordinator, start_worker,
+    ChildGuard, TempDir, TestDb,
 };
 
 fn repo_root() -> PathBuf {
@@ -40,22 +39,12 @@ fn tool(name: &str) -> PathBuf {
 /// Runs `promtool ARGS` (with `stdin` piped in if given); panics with its output unless it
 /// exits 0.
 fn promtool(args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(tool("promtool"))
-        .args(args)
-        .current_dir(repo_root())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).expect("write to promtool");
-    }
-    let out = child.wait_with_output().expect("wait for promtool");
+    let out = output_with_stdin(
+        Command::new(tool("promtool"))
+            .args(args)
+            .current_dir(repo_root()),
+        stdin.map(str::as_bytes),
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -67,14 +56,6 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> String {
         out.status
     );
     text
-}
-
-/// A free TCP port on 127.0.0.1 (released before use; fine for a test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn http() -> reqwest::Client {
@@ -158,11 +139,8 @@ impl Scraped {
 
     /// Prepares batch `name` of `records` records on queue `q`.
     fn prepare(&self, name: &str, records: u32, extra: &[&str]) {
-        let mut args = vec!["prepare", name, "--queue", "q", "--from-file", "-"];
-        args.extend_from_slice(extra);
-        let (code, _, err) =
-            coordinator_with_stdin(&self.db.url, &args, Some(&tally_tests::jsonl_ids(records)));
-        assert_eq!(code, 0, "prepare {name}: {err}");
+        let input = tally_tests::jsonl_ids(records);
+        tally_tests::prepare_stdin(&self.db.url, name, "q", &input, extra);
     }
 }
 

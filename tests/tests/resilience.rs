@@ -1,8 +1,8 @@
 //! A poison record and a handler slower than its lease, with real worker processes.
 
 use tally_tests::{
-    assert_counts_exact, coordinator, coordinator_with_stdin, jsonl_ids, query_i64, start_worker,
-    TestDb,
+    assert_counts_exact, assert_sink_exactly_once, coordinator, create_sink, jsonl_ids,
+    prepare_stdin, query_i64, TestDb, WorkerCmd,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,38 +23,18 @@ async fn a_poison_record_fails_after_its_attempts_without_delaying_the_rest() {
         )
         .await
         .unwrap();
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &[
-            "prepare",
-            "b",
-            "--queue",
-            "q",
-            "--from-file",
-            "-",
-            "--max-attempts",
-            "3",
-            "--backoff-base",
-            "10ms",
-            "--backoff-max",
-            "20ms",
-        ],
-        Some(&jsonl_ids(2000)),
-    );
-    assert_eq!(code, 0, "{err}");
-    let _worker = start_worker(
-        &db.url,
-        &[
-            "--queue",
-            "q",
-            "--handler",
-            "sql",
-            "--sql",
-            "insert into sink select $1 where deliver($1)",
-            "--poll-interval",
-            "100ms",
-        ],
-    );
+    let retry = [
+        "--max-attempts",
+        "3",
+        "--backoff-base",
+        "10ms",
+        "--backoff-max",
+        "20ms",
+    ];
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(2000), &retry);
+    let _worker = WorkerCmd::sql(&db.url, "q", "insert into sink select $1 where deliver($1)")
+        .poll("100ms")
+        .start();
     let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
     assert_eq!(code, 3, "finished with one failure: {out}{err}");
     let store = db.store().await;
@@ -95,42 +75,22 @@ async fn a_poison_record_fails_after_its_attempts_without_delaying_the_rest() {
 async fn a_handler_slower_than_the_lease_keeps_its_rows_by_renewal() {
     let db = TestDb::new("slow_handler").await;
     let client = db.client().await;
-    client
-        .batch_execute("create table sink (record_id text not null)")
-        .await
-        .unwrap();
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&jsonl_ids(4)),
-    );
-    assert_eq!(code, 0, "{err}");
+    create_sink(&client, "sink").await;
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(4), &[]);
     // Each record takes 1.5 s under a 1 s lease; two workers rescue eagerly.
-    let args = [
-        "--queue",
+    let worker = WorkerCmd::sql(
+        &db.url,
         "q",
-        "--handler",
-        "sql",
-        "--sql",
         "insert into sink select $1 from pg_sleep(1.5)",
-        "--concurrency",
-        "1",
-        "--sql-chunk",
-        "1",
-        "--lease",
-        "1s",
-        "--rescue-interval",
-        "200ms",
-        "--poll-interval",
-        "100ms",
-    ];
-    let _w1 = start_worker(&db.url, &args);
-    let _w2 = start_worker(&db.url, &args);
+    )
+    .args(&["--concurrency", "1", "--sql-chunk", "1", "--lease", "1s"])
+    .args(&["--rescue-interval", "200ms"])
+    .poll("100ms");
+    let _w1 = worker.start();
+    let _w2 = worker.start();
     let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
     assert_eq!(code, 0, "{out}{err}");
-    let sink = query_i64(&client, "select count(*) from sink", &[]).await;
-    let distinct = query_i64(&client, "select count(distinct record_id) from sink", &[]).await;
-    assert_eq!((sink, distinct), (4, 4), "each record processed once");
+    assert_sink_exactly_once(&client, "sink", 4).await;
     let again = query_i64(
         &client,
         "select count(*) from tally.record where attempt <> 1 or last_error is not null",
@@ -144,32 +104,13 @@ async fn a_handler_slower_than_the_lease_keeps_its_rows_by_renewal() {
 async fn a_second_signal_stops_a_draining_worker_at_once() {
     let db = TestDb::new("second_signal").await;
     let client = db.client().await;
-    client
-        .batch_execute("create table sink (record_id text not null)")
-        .await
-        .unwrap();
-    let (code, _, err) = coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&jsonl_ids(2)),
-    );
-    assert_eq!(code, 0, "{err}");
+    create_sink(&client, "sink").await;
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(2), &[]);
     // A 30 s statement under a 60 s grace period: the first SIGTERM alone would wait for it.
-    let mut worker = start_worker(
-        &db.url,
-        &[
-            "--queue",
-            "q",
-            "--handler",
-            "sql",
-            "--sql",
-            "insert into sink select $1 from pg_sleep(30)",
-            "--grace-period",
-            "60s",
-            "--poll-interval",
-            "100ms",
-        ],
-    );
+    let mut worker = WorkerCmd::sql(&db.url, "q", "insert into sink select $1 from pg_sleep(30)")
+        .args(&["--grace-period", "60s"])
+        .poll("100ms")
+        .start();
     let store = db.store().await;
     tally_tests::poll_until(
         "the record runs",

@@ -4,7 +4,7 @@
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tally_tests::{binary, with_database, ChildGuard, TestDb, ThrowawayPg};
+use tally_tests::{binary, with_database, TestDb, ThrowawayPg, WorkerCmd};
 
 const ROLES_SQL: &str = include_str!("../../sql/roles.sql");
 
@@ -82,26 +82,10 @@ async fn worker_role_processes_a_batch_and_may_do_nothing_else() {
     }
 
     // The worker role processes the whole batch (counts kept by the triggers under its role).
-    let mut worker = ChildGuard::new(
-        "worker",
-        Command::new(binary("worker"))
-            .args([
-                "--queue",
-                "q",
-                "--handler",
-                "sql",
-                "--poll-interval",
-                "200ms",
-            ])
-            .args(["--sql", "insert into sink (id) values ($1)"])
-            .env("DATABASE_URL", &worker_url)
-            .env_remove("DATABASE_URL_FILE")
-            .env("TALLY_LISTEN", "off")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut worker = WorkerCmd::sql(&worker_url, "q", "insert into sink (id) values ($1)")
+        .poll("200ms")
+        .env_remove("DATABASE_URL_FILE")
+        .start();
     let (code, said) = coordinator(&coordinator_url, &["wait", "b1", "--timeout", "60s"]);
     assert_eq!(code, 0, "{said}");
     worker.signal(libc::SIGTERM);

@@ -18,14 +18,6 @@ const WORKERS: usize = 4;
 /// machine, and the rollout (four drains and four starts) lands in the middle of it.
 const SINK_SQL: &str = "insert into sink (record_id, batch) select $1, $3 from pg_sleep(0.005)";
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// `GET path` on 127.0.0.1:port: the status code and body, or `None` if nothing answers.
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -61,41 +53,20 @@ struct Replica {
 
 async fn start_replica(url: &str, id: String) -> Replica {
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut process = start_worker(
-        url,
-        &[
-            "--queue",
-            QUEUE,
-            "--handler",
-            "sql",
-            "--sql",
-            SINK_SQL,
+    let mut process = WorkerCmd::sql(url, QUEUE, SINK_SQL)
+        .args(&[
             "--concurrency",
             "4",
             "--claim-size",
             "500",
             "--grace-period",
             "30s",
-            "--listen",
-            &listen,
-            "--worker-id",
-            &id,
-        ],
-    );
+        ])
+        .listen(port)
+        .args(&["--worker-id", &id])
+        .start();
     wait_ready(&format!("worker {id} ready"), port, &mut process).await;
     Replica { id, port, process }
-}
-
-/// The value of the first sample of `name` whose labels include every one of `labels`.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,19 +96,7 @@ async fn heavy_rolling_restart_completes_exactly_once_without_burning_attempts()
         .await
         .expect("create sink");
     let input = jsonl_file(&dir.0, "in.jsonl", N as u64);
-    let (code, out, err) = coordinator_async(
-        &db.url,
-        &[
-            "prepare",
-            BATCH,
-            "--queue",
-            QUEUE,
-            "--from-file",
-            &input.display().to_string(),
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "prepare: {out} {err}");
+    prepare_file(&db.url, BATCH, QUEUE, &input, &[]).await;
 
     let mut replicas = Vec::new();
     for i in 0..WORKERS {
@@ -253,7 +212,7 @@ async fn heavy_rolling_restart_completes_exactly_once_without_burning_attempts()
         .expect("coordinator serve answers /metrics");
     assert_eq!(status, 200, "/metrics: {metrics}");
     assert_eq!(
-        sample(
+        metric(
             &metrics,
             "tally_batch_records",
             &[&batch_label, "state=\"complete\""]
@@ -262,7 +221,7 @@ async fn heavy_rolling_restart_completes_exactly_once_without_burning_attempts()
         "tally_batch_records complete in:\n{metrics}"
     );
     assert_eq!(
-        sample(&metrics, "tally_batch_completion_ratio", &[&batch_label]),
+        metric(&metrics, "tally_batch_completion_ratio", &[&batch_label]),
         Some(1.0),
         "tally_batch_completion_ratio in:\n{metrics}"
     );

@@ -1,8 +1,10 @@
 //! A worker's start against a database that is not there yet, or never will be.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tally_tests::{admin_url, binary, with_database, ChildGuard, TestDb};
+use tally_tests::{
+    admin_url, free_port, http_get, prepare_stdin, sample, scrape, with_database, TestDb, WorkerCmd,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_waits_for_an_unreachable_server_and_stops_on_sigterm() {
@@ -28,11 +30,9 @@ async fn worker_gives_up_on_a_missing_database_and_works_on_a_real_one() {
     // A database that does not exist is a permanent error, reported at once; a real one
     // gets its batch processed.
     let missing = with_database(&admin_url(), "tally_no_such_database");
-    let out = Command::new(binary("worker"))
-        .args(["--queue", "q", "--handler", "noop"])
-        .env("DATABASE_URL", &missing)
-        .env("TALLY_LISTEN", "off")
-        .stdin(Stdio::null())
+    let out = WorkerCmd::noop(&missing, "q")
+        .command()
+        .stderr(Stdio::piped())
         .output()
         .expect("run worker");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -43,62 +43,14 @@ async fn worker_gives_up_on_a_missing_database_and_works_on_a_real_one() {
     );
 
     let db = TestDb::new("worker_starts_once_reachable").await;
-    let mut worker = ChildGuard::new(
-        "worker",
-        Command::new(binary("worker"))
-            .args([
-                "--queue",
-                "q",
-                "--handler",
-                "noop",
-                "--poll-interval",
-                "200ms",
-            ])
-            .env("DATABASE_URL", &db.url)
-            .env("TALLY_LISTEN", "off")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn worker"),
-    );
-    let (code, _, stderr) = tally_tests::coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n"),
-    );
-    assert_eq!(code, 0, "{stderr}");
+    let mut worker = WorkerCmd::noop(&db.url, "q").poll("200ms").start();
+    prepare_stdin(&db.url, "b", "q", b"{\"id\":\"a\"}\n{\"id\":\"b\"}\n", &[]);
     let (code, stdout, stderr) =
         tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
     assert_eq!(code, 0, "{stdout} {stderr}");
     worker.signal(libc::SIGTERM);
     let status = worker.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
-}
-
-/// A free TCP port on 127.0.0.1 (released before use; fine for a test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// `GET path` on 127.0.0.1:port: status code and body, or `None` when nothing answers yet.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())?;
-    Some((status, body))
 }
 
 fn http_status(port: u16, path: &str) -> Option<u16> {
@@ -117,11 +69,9 @@ async fn status_when_up(port: u16, path: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_report_live_but_not_ready_without_a_database() {
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _worker = tally_tests::start_worker(
-        "postgres://postgres@127.0.0.1:1/nowhere",
-        &["--queue", "q", "--handler", "noop", "--listen", &listen],
-    );
+    let _worker = WorkerCmd::noop("postgres://postgres@127.0.0.1:1/nowhere", "q")
+        .listen(port)
+        .start();
     assert_eq!(status_when_up(port, "/healthz").await, 200);
     assert_eq!(status_when_up(port, "/readyz").await, 503);
     assert_eq!(status_when_up(port, "/nope").await, 404);
@@ -131,11 +81,7 @@ async fn health_endpoints_report_live_but_not_ready_without_a_database() {
 async fn ready_when_connected_and_metrics_count_the_batch() {
     let db = TestDb::new("health_ready").await;
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _worker = tally_tests::start_worker(
-        &db.url,
-        &["--queue", "q", "--handler", "noop", "--listen", &listen],
-    );
+    let _worker = WorkerCmd::noop(&db.url, "q").listen(port).start();
     assert_eq!(status_when_up(port, "/healthz").await, 200);
     // Panics unless /readyz answers 200 within the deadline.
     tally_tests::poll_until("the worker is ready", Duration::from_secs(10), || async {
@@ -146,23 +92,16 @@ async fn ready_when_connected_and_metrics_count_the_batch() {
     let input: String = (1..=100)
         .map(|i| format!("{{\"id\":\"secret-{i}\"}}\n"))
         .collect();
-    let (code, _, err) = tally_tests::coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(input.as_bytes()),
-    );
-    assert_eq!(code, 0, "{err}");
+    prepare_stdin(&db.url, "b", "q", input.as_bytes(), &[]);
     let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
     assert_eq!(code, 0, "{out}{err}");
     let metrics = tally_tests::poll_until(
         "completions are counted",
         Duration::from_secs(10),
         || async {
-            http_get(port, "/metrics")
-                .map(|(_, body)| body)
-                .filter(|body| {
-                    body.contains("tally_worker_records_completed_total{queue=\"q\"} 100")
-                })
+            scrape(port).filter(|body| {
+                body.contains("tally_worker_records_completed_total{queue=\"q\"} 100")
+            })
         },
     )
     .await;
@@ -185,27 +124,12 @@ async fn ready_when_connected_and_metrics_count_the_batch() {
     );
 }
 
-/// The value of one series (name with its labels, exactly as rendered) in a scrape.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// Scrapes until `series` reads `want`; returns the whole scrape.
 async fn scrape_when(port: u16, series: &str, want: f64) -> String {
     tally_tests::poll_until(
         &format!("{series} to reach {want}"),
         Duration::from_secs(20),
-        || async {
-            http_get(port, "/metrics")
-                .map(|(_, body)| body)
-                .filter(|body| sample(body, series) == Some(want))
-        },
+        || async { scrape(port).filter(|body| sample(body, series) == Some(want)) },
     )
     .await
 }
@@ -239,46 +163,21 @@ async fn failure_retry_and_redelivery_counters_match_the_database() {
             input.push_str(&format!("{{\"id\":\"{prefix}-{i}\"}}\n"));
         }
     }
-    let (code, _, err) = tally_tests::coordinator_with_stdin(
-        &db.url,
-        &[
-            "prepare",
-            "b",
-            "--queue",
-            "q",
-            "--from-file",
-            "-",
-            "--max-attempts",
-            "3",
-            "--backoff-base",
-            "10ms",
-            "--backoff-max",
-            "50ms",
-        ],
-        Some(input.as_bytes()),
-    );
-    assert_eq!(code, 0, "{err}");
+    let retry = [
+        "--max-attempts",
+        "3",
+        "--backoff-base",
+        "10ms",
+        "--backoff-max",
+        "50ms",
+    ];
+    prepare_stdin(&db.url, "b", "q", input.as_bytes(), &retry);
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _worker = tally_tests::start_worker(
-        &db.url,
-        &[
-            "--queue",
-            "q",
-            "--handler",
-            "sql",
-            "--sql",
-            "select outcome($1, $3)",
-            "--sql-chunk",
-            "7",
-            "--poll-interval",
-            "100ms",
-            "--breaker-threshold",
-            "100000",
-            "--listen",
-            &listen,
-        ],
-    );
+    let _worker = WorkerCmd::sql(&db.url, "q", "select outcome($1, $3)")
+        .args(&["--sql-chunk", "7", "--breaker-threshold", "100000"])
+        .poll("100ms")
+        .listen(port)
+        .start();
     let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "60s"]);
     assert_eq!(code, 3, "finished with failures: {out}{err}");
 
@@ -346,21 +245,13 @@ async fn failure_retry_and_redelivery_counters_match_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_expiring_on_the_last_attempt_counts_as_exhausted() {
     let db = TestDb::new("metrics_lease_exhausted").await;
-    let (code, _, err) = tally_tests::coordinator_with_stdin(
+    prepare_stdin(
         &db.url,
-        &[
-            "prepare",
-            "b",
-            "--queue",
-            "q",
-            "--from-file",
-            "-",
-            "--max-attempts",
-            "1",
-        ],
-        Some(b"{\"id\":\"a\"}\n"),
+        "b",
+        "q",
+        b"{\"id\":\"a\"}\n",
+        &["--max-attempts", "1"],
     );
-    assert_eq!(code, 0, "{err}");
     // A worker that claims the only record and dies: its one attempt is used up.
     let store = db.store().await;
     let client = db.client().await;
@@ -373,20 +264,10 @@ async fn a_lease_expiring_on_the_last_attempt_counts_as_exhausted() {
     assert_eq!(tally_tests::backdate_lease(&client, claimed[0].id).await, 1);
 
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _worker = tally_tests::start_worker(
-        &db.url,
-        &[
-            "--queue",
-            "q",
-            "--handler",
-            "noop",
-            "--rescue-interval",
-            "200ms",
-            "--listen",
-            &listen,
-        ],
-    );
+    let _worker = WorkerCmd::noop(&db.url, "q")
+        .args(&["--rescue-interval", "200ms"])
+        .listen(port)
+        .start();
     let metrics = scrape_when(
         port,
         "tally_worker_records_failed_total{queue=\"q\",reason=\"exhausted\"}",
@@ -411,30 +292,12 @@ async fn a_taken_default_port_means_no_endpoints_but_a_taken_explicit_one_is_bad
     let _held = std::net::TcpListener::bind("0.0.0.0:9460");
     let scratch = tally_tests::TempDir::new("listen");
     let log = scratch.0.join("worker.log");
-    let mut worker = ChildGuard::new(
-        "worker",
-        Command::new(binary("worker"))
-            .args([
-                "--queue",
-                "q",
-                "--handler",
-                "noop",
-                "--poll-interval",
-                "200ms",
-            ])
-            .env("DATABASE_URL", &db.url)
-            .env_remove("TALLY_LISTEN")
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create log"))
-            .spawn()
-            .expect("spawn worker"),
-    );
-    let (code, _, err) = tally_tests::coordinator_with_stdin(
-        &db.url,
-        &["prepare", "b", "--queue", "q", "--from-file", "-"],
-        Some(&tally_tests::jsonl_ids(20)),
-    );
-    assert_eq!(code, 0, "{err}");
+    let mut worker = WorkerCmd::noop(&db.url, "q")
+        .poll("200ms")
+        .env_remove("TALLY_LISTEN")
+        .log_to(&log)
+        .start();
+    prepare_stdin(&db.url, "b", "q", &tally_tests::jsonl_ids(20), &[]);
     let (code, out, err) = tally_tests::coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
     assert_eq!(code, 0, "the worker works without endpoints: {out}{err}");
     worker.signal(libc::SIGTERM);
@@ -449,10 +312,10 @@ async fn a_taken_default_port_means_no_endpoints_but_a_taken_explicit_one_is_bad
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     for (listen, says) in [(addr.as_str(), addr.as_str()), ("nowhere", "\"nowhere\"")] {
-        let out = Command::new(binary("worker"))
-            .args(["--queue", "q", "--handler", "noop", "--listen", listen])
-            .env("DATABASE_URL", &db.url)
-            .stdin(Stdio::null())
+        let out = WorkerCmd::noop(&db.url, "q")
+            .args(&["--listen", listen])
+            .command()
+            .stderr(Stdio::piped())
             .output()
             .expect("run worker");
         let stderr = String::from_utf8_lossy(&out.stderr);

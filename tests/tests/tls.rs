@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use tally_tests::{binary, with_database, ChildGuard, TestDb, ThrowawayPg};
+use tally_tests::{binary, with_database, TestDb, ThrowawayPg, WorkerCmd};
 
 const PASSWORD: &str = "Tls-s3cret-pw-7q";
 const ROLE: &str = "tally_tls";
@@ -314,30 +314,14 @@ async fn tls_modes_and_password_sources_through_the_binaries() {
         .await
         .unwrap();
     let log = pg.dir.join("worker.log");
-    let mut worker = ChildGuard::new(
-        "worker",
-        Command::new(binary("worker"))
-            .args([
-                "--queue",
-                "q",
-                "--handler",
-                "sql",
-                "--poll-interval",
-                "200ms",
-            ])
-            .args(["--sql", "insert into seen (id) values ($1)"])
-            .env_remove("DATABASE_URL_FILE")
-            .env("DATABASE_URL", &no_pw)
-            .env("PGPASSWORD", PASSWORD)
-            .env("TALLY_DB_CA_FILE", ca)
-            .env("TALLY_LISTEN", "off")
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut worker = WorkerCmd::sql(&no_pw, "q", "insert into seen (id) values ($1)")
+        .poll("200ms")
+        .env_remove("DATABASE_URL_FILE")
+        .env("PGPASSWORD", PASSWORD)
+        .env("TALLY_DB_CA_FILE", ca)
+        .env("RUST_LOG", "debug")
+        .log_to(&log)
+        .start();
     let out = run(
         "coordinator",
         &["wait", "b1", "--timeout", "60s"],

@@ -10,21 +10,6 @@ use tally_tests::*;
 const EXIT_OK: i32 = 0;
 const EXIT_FINISHED_WITH_FAILURES: i32 = 3;
 
-async fn prepare_file(db: &TestDb, batch: &str, queue: &str, path: &str, extra: &[&str]) {
-    let mut args = vec!["prepare", batch, "--queue", queue, "--from-file", path];
-    args.extend_from_slice(extra);
-    let (code, stdout, stderr) = coordinator_async(&db.url, &args).await;
-    assert_eq!(code, EXIT_OK, "prepare {batch}: {stdout} {stderr}");
-}
-
-async fn wait_batch(db: &TestDb, batch: &str, timeout: &str) -> (i32, String, String) {
-    coordinator_async(
-        &db.url,
-        &["wait", batch, "--timeout", timeout, "--interval", "100ms"],
-    )
-    .await
-}
-
 fn sql_worker(url: &str, queue: &str, statement: &str, extra: &[&str]) -> ChildGuard {
     let mut args = vec!["--queue", queue, "--handler", "sql", "--sql", statement];
     if !extra.contains(&"--concurrency") {
@@ -80,7 +65,7 @@ async fn exactly_once_setup(db: &TestDb, dir: &TempDir) {
         .await
         .unwrap();
     let path = jsonl_file(&dir.0, "in.jsonl", EO_RECORDS as u64);
-    prepare_file(db, "eo", "q", &path.display().to_string(), &[]).await;
+    prepare_file(&db.url, "eo", "q", &path.display().to_string(), &[]).await;
 }
 
 async fn assert_exactly_once(db: &TestDb) {
@@ -140,7 +125,7 @@ async fn heavy_exactly_once_three_workers() {
         })
         .collect();
     await_progress(&db.store().await, "eo", &mut workers).await;
-    let (code, stdout, stderr) = wait_batch(&db, "eo", "120s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "eo", "120s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     for w in &mut workers {
         w.assert_running();
@@ -247,7 +232,7 @@ async fn heavy_exactly_once_with_a_worker_killed() {
     )
     .await;
 
-    let (code, stdout, stderr) = wait_batch(&db, "eo", "120s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "eo", "120s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     workers[1].assert_running();
     workers[2].assert_running();
@@ -315,14 +300,14 @@ async fn retry_failed_after_fixing_the_cause() {
     let a = jsonl_file(&dir.0, "a.jsonl", 50).display().to_string();
     let b = jsonl_file(&dir.0, "b.jsonl", 20).display().to_string();
     let fast = ["--backoff-base", "10ms", "--backoff-max", "50ms"];
-    prepare_file(&db, "ba", "qa", &a, &fast).await;
-    prepare_file(&db, "bb", "qb", &b, &fast).await;
+    prepare_file(&db.url, "ba", "qa", &a, &fast).await;
+    prepare_file(&db.url, "bb", "qb", &b, &fast).await;
     let _wa = sql_worker(&db.url, "qa", statement, &[]);
     let mut wb = sql_worker(&db.url, "qb", statement, &[]);
 
-    let (code, stdout, stderr) = wait_batch(&db, "ba", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "ba", "60s").await;
     assert_eq!(code, EXIT_FINISHED_WITH_FAILURES, "{stdout} {stderr}");
-    let (code, stdout, stderr) = wait_batch(&db, "bb", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "bb", "60s").await;
     assert_eq!(code, EXIT_FINISHED_WITH_FAILURES, "{stdout} {stderr}");
     wb.kill();
 
@@ -369,7 +354,7 @@ async fn retry_failed_after_fixing_the_cause() {
     assert_eq!(code, EXIT_OK);
     assert!(stdout.starts_with("0 "), "second retry-failed: {stdout}");
 
-    let (code, stdout, stderr) = wait_batch(&db, "ba", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "ba", "60s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     let c = assert_counts_exact(&store, &client, "ba").await;
     assert_eq!(c.complete, 50);
@@ -422,7 +407,7 @@ async fn retry_failed_after_fixing_the_cause() {
     let c = assert_counts_exact(&store, &client, "bb").await;
     assert_eq!((c.pending, c.failed, c.complete), (2, 0, 18));
     let _wb = sql_worker(&db.url, "qb", statement, &[]);
-    let (code, stdout, stderr) = wait_batch(&db, "bb", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "bb", "60s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     assert_eq!(
         query_i64(&client, "select count(*) from sink where batch = 'bb'", &[]).await,
@@ -466,7 +451,7 @@ async fn a_retryable_sql_error_is_retried() {
     flaky_setup(&db).await;
     let path = jsonl_file(&dir.0, "in.jsonl", 5).display().to_string();
     prepare_file(
-        &db,
+        &db.url,
         "flaky",
         "q",
         &path,
@@ -474,7 +459,7 @@ async fn a_retryable_sql_error_is_retried() {
     )
     .await;
     let _w = sql_worker(&db.url, "q", "select flaky($1)", &[]);
-    let (code, stdout, stderr) = wait_batch(&db, "flaky", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "flaky", "60s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     let client = db.client().await;
     let rows = client
@@ -517,9 +502,9 @@ async fn a_retryable_sql_error_exhausts_max_attempts() {
     let dir = TempDir::new("exhausted");
     flaky_setup(&db).await;
     let path = jsonl_file(&dir.0, "in.jsonl", 5).display().to_string();
-    prepare_file(&db, "flaky", "q", &path, &["--max-attempts", "1"]).await;
+    prepare_file(&db.url, "flaky", "q", &path, &["--max-attempts", "1"]).await;
     let _w = sql_worker(&db.url, "q", "select flaky($1)", &[]);
-    let (code, stdout, stderr) = wait_batch(&db, "flaky", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "flaky", "60s").await;
     assert_eq!(code, EXIT_FINISHED_WITH_FAILURES, "{stdout} {stderr}");
     let client = db.client().await;
     let row = client
@@ -580,7 +565,7 @@ async fn hostile_ids_are_stored_and_processed_verbatim() {
         .collect();
     let path = dir.0.join("hostile.jsonl");
     std::fs::write(&path, jsonl_bytes(&values)).unwrap();
-    prepare_file(&db, "hostile", "q", &path.display().to_string(), &[]).await;
+    prepare_file(&db.url, "hostile", "q", &path.display().to_string(), &[]).await;
 
     let expected: BTreeSet<String> = ids.iter().cloned().collect();
     let stored: BTreeSet<String> = strings(&client, "select record_id from tally.record")
@@ -609,7 +594,7 @@ async fn hostile_ids_are_stored_and_processed_verbatim() {
         "insert into sink (record_id, payload) values ($1, $2)",
         &[],
     );
-    let (code, stdout, stderr) = wait_batch(&db, "hostile", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "hostile", "60s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     let sunk = strings(&client, "select record_id from sink").await;
     assert_eq!(sunk.len(), ids.len(), "each once");
@@ -638,12 +623,12 @@ async fn noop_worker_completes_and_stops_on_sigterm() {
     let db = TestDb::new("noop_sigterm").await;
     let dir = TempDir::new("noop");
     let path = jsonl_file(&dir.0, "in.jsonl", 10_000).display().to_string();
-    prepare_file(&db, "noop", "q", &path, &[]).await;
+    prepare_file(&db.url, "noop", "q", &path, &[]).await;
     let mut worker = start_worker(
         &db.url,
         &["--queue", "q", "--handler", "noop", "--concurrency", "4"],
     );
-    let (code, stdout, stderr) = wait_batch(&db, "noop", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "noop", "60s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     let client = db.client().await;
     let c = assert_counts_exact(&db.store().await, &client, "noop").await;
@@ -693,7 +678,7 @@ async fn sigterm_mid_run_drains_and_releases_unstarted_rows() {
         .await
         .unwrap();
     let path = jsonl_file(&dir.0, "in.jsonl", 2_000).display().to_string();
-    prepare_file(&db, "slow", "q", &path, &[]).await;
+    prepare_file(&db.url, "slow", "q", &path, &[]).await;
     // ~20 ms per record, two chunks of 5 at a time: a claim of 500 is mostly unstarted.
     let mut worker = sql_worker(
         &db.url,
@@ -747,7 +732,7 @@ async fn sigterm_mid_run_drains_and_releases_unstarted_rows() {
     );
     // Another worker finishes the rest.
     let _w = sql_worker(&db.url, "q", "insert into sink select $1", &[]);
-    let (code, stdout, stderr) = wait_batch(&db, "slow", "60s").await;
+    let (code, stdout, stderr) = wait_batch(&db.url, "slow", "60s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
     assert_eq!(
         query_i64(&client, "select count(distinct record_id) from sink", &[]).await,
