@@ -10,9 +10,8 @@ use tally::store::alerts::AlertDelivery;
 use tally::store::progress::{Event, EventKind};
 use tally::{Store, StoreError};
 
-/// How long a claimed delivery belongs to its replica; longer than a request may take.
-pub const DEFAULT_ALERT_LEASE: Duration = Duration::from_secs(60);
-/// A webhook that has not answered by then counts as failed (and is retried).
+/// A webhook that has not answered by then (or by the end of the delivery's lease, if
+/// shorter) counts as failed (and is retried).
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// First retry delay of a failed delivery; doubles per attempt.
 pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
@@ -155,18 +154,23 @@ pub struct Deliverer {
     client: reqwest::Client,
     hooks: HashMap<String, Webhook>,
     keys: Vec<String>,
+    /// How long a claimed delivery belongs to this replica.
+    lease: Duration,
     /// Outcomes of delivery attempts, by `result`.
     outcomes: IntCounterVec,
 }
 
 impl Deliverer {
+    /// A deliverer that claims deliveries for `lease`. A request never outlasts the lease,
+    /// so that no other replica sends the alert while this one may still get it through.
     pub fn new(
         store: Store,
         hooks: Vec<Webhook>,
+        lease: Duration,
         outcomes: IntCounterVec,
     ) -> Result<Deliverer, String> {
         let client = reqwest::Client::builder()
-            .timeout(DEFAULT_WEBHOOK_TIMEOUT)
+            .timeout(DEFAULT_WEBHOOK_TIMEOUT.min(lease))
             .user_agent(concat!("tally-coordinator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot set up the webhook client: {e}"))?;
@@ -177,6 +181,7 @@ impl Deliverer {
             client,
             hooks,
             keys,
+            lease,
             outcomes,
         })
     }
@@ -190,7 +195,7 @@ impl Deliverer {
         for _ in 0..CLAIMS_PER_PASS {
             let claimed = self
                 .store
-                .claim_alert_deliveries(&self.keys, CLAIM_SIZE, DEFAULT_ALERT_LEASE)
+                .claim_alert_deliveries(&self.keys, CLAIM_SIZE, self.lease)
                 .await?;
             if claimed.is_empty() {
                 break;

@@ -6,15 +6,15 @@ use std::collections::HashMap;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tally_tests::{
     binary, coordinator, coordinator_async, coordinator_with_stdin, jsonl_ids, poll_until,
-    start_worker, ChildGuard, TempDir, TestDb,
+    query_i64, start_worker, ChildGuard, TempDir, TestDb,
 };
 
 /// A running `coordinator serve` and the address it listens on.
 struct Serve {
-    _child: ChildGuard,
+    child: ChildGuard,
     base: String,
 }
 
@@ -45,7 +45,7 @@ fn start_serve(url: &str, args: &[&str]) -> Serve {
         .unwrap_or_else(|| panic!("no address in {first:?}"))
         .to_string();
     Serve {
-        _child: ChildGuard::new("coordinator serve", child),
+        child: ChildGuard::new("coordinator serve", child),
         base: format!("http://{addr}"),
     }
 }
@@ -264,11 +264,33 @@ async fn serve_metrics_follow_a_batch_and_match_status_without_scanning_records(
     assert_no_record_scan(&client).await;
 }
 
-/// What the webhook receiver got: (idempotency key, body, status answered).
-type Received = Arc<Mutex<Vec<(String, serde_json::Value, u16)>>>;
+/// One request the webhook receiver got.
+#[derive(Debug, Clone)]
+struct Hit {
+    /// The `Idempotency-Key` header.
+    key: String,
+    body: serde_json::Value,
+    /// The status answered; 0 for a request held open and never answered.
+    status: u16,
+    at: Instant,
+}
 
-/// A webhook receiver on 127.0.0.1:0 that answers 500 to its first request and 200 after.
-async fn start_receiver() -> (String, Received) {
+/// What the webhook receiver got, in order of arrival.
+type Received = Arc<Mutex<Vec<Hit>>>;
+
+/// How the receiver treats the first request it gets; every later one is answered 200.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum First {
+    /// Answer 500.
+    Fail,
+    /// Never answer: the sender stays mid-delivery.
+    Hold,
+    /// Answer 200 like the others.
+    Accept,
+}
+
+/// A webhook receiver on 127.0.0.1:0.
+async fn start_receiver(first: First) -> (String, Received) {
     use axum::http::{HeaderMap, StatusCode};
     let received: Received = Arc::default();
     let log = received.clone();
@@ -284,9 +306,24 @@ async fn start_receiver() -> (String, Received) {
                     .to_string();
                 let body: serde_json::Value =
                     serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
-                let mut log = log.lock().unwrap();
-                let status = if log.is_empty() { 500 } else { 200 };
-                log.push((key, body, status));
+                let status = {
+                    let mut log = log.lock().unwrap();
+                    let status = match first {
+                        First::Fail if log.is_empty() => 500,
+                        First::Hold if log.is_empty() => 0,
+                        _ => 200,
+                    };
+                    log.push(Hit {
+                        key,
+                        body,
+                        status,
+                        at: Instant::now(),
+                    });
+                    status
+                };
+                if status == 0 {
+                    std::future::pending::<()>().await;
+                }
                 StatusCode::from_u16(status).unwrap()
             }
         }),
@@ -297,21 +334,31 @@ async fn start_receiver() -> (String, Received) {
     (format!("http://{addr}/hook/secret"), received)
 }
 
-/// Accepted alerts (answered 200) with `event` for `batch`.
-fn accepted(received: &Received, event: &str, batch: &str) -> Vec<serde_json::Value> {
+/// Accepted alerts (answered 200) with `event` whose body has `field` equal to `value`.
+fn accepted_by(
+    received: &Received,
+    event: &str,
+    field: &str,
+    value: &str,
+) -> Vec<serde_json::Value> {
     received
         .lock()
         .unwrap()
         .iter()
-        .filter(|(_, b, status)| *status == 200 && b["event"] == event && b["batch"] == batch)
-        .map(|(_, b, _)| b.clone())
+        .filter(|h| h.status == 200 && h.body["event"] == event && h.body[field] == value)
+        .map(|h| h.body.clone())
         .collect()
+}
+
+/// Accepted alerts (answered 200) with `event` for `batch`.
+fn accepted(received: &Received, event: &str, batch: &str) -> Vec<serde_json::Value> {
+    accepted_by(received, event, "batch", batch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_alerts_once_across_replicas_and_redelivers_after_a_failure() {
     let db = TestDb::new("serve_alerts").await;
-    let (hook, received) = start_receiver().await;
+    let (hook, received) = start_receiver(First::Fail).await;
     let args = [
         "--check-interval",
         "200ms",
@@ -419,17 +466,21 @@ async fn serve_alerts_once_across_replicas_and_redelivers_after_a_failure() {
 
     // The first request was answered 500; the same alert came again and was accepted once.
     let log = received.lock().unwrap().clone();
-    assert_eq!(log[0].2, 500);
-    let retried = &log[0].0;
+    assert_eq!(log[0].status, 500);
+    let retried = &log[0].key;
     assert!(!retried.is_empty(), "alerts carry an idempotency key");
-    let again: Vec<_> = log.iter().filter(|(k, _, _)| k == retried).collect();
+    let again: Vec<_> = log.iter().filter(|h| &h.key == retried).collect();
     assert_eq!(
         again.len(),
         2,
         "the failed alert was sent once more: {log:?}"
     );
-    assert_eq!(again[1].2, 200);
-    let mut keys: Vec<&String> = log.iter().filter(|e| e.2 == 200).map(|e| &e.0).collect();
+    assert_eq!(again[1].status, 200);
+    let mut keys: Vec<&String> = log
+        .iter()
+        .filter(|h| h.status == 200)
+        .map(|h| &h.key)
+        .collect();
     let n = keys.len();
     keys.sort();
     keys.dedup();
@@ -445,6 +496,316 @@ async fn serve_alerts_once_across_replicas_and_redelivers_after_a_failure() {
     assert_eq!(sent as usize, n, "every accepted alert is marked sent");
 }
 
+/// Arguments of a `serve` replica that checks every 200 ms and alerts `hook`.
+fn replica_args<'a>(hook: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--check-interval", "200ms", "--alert-webhook", hook];
+    args.extend_from_slice(more);
+    args
+}
+
+/// Alert rows raised in the database with `kind`.
+async fn alerts_raised(client: &tokio_postgres::Client, kind: &str) -> i64 {
+    query_i64(
+        client,
+        "select count(*) from tally.alert where kind = $1",
+        &[&kind],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_alerts_once_when_a_batch_hits_its_failure_limit_and_again_when_it_finishes() {
+    let db = TestDb::new("serve_failure_limit").await;
+    let (hook, received) = start_receiver(First::Accept).await;
+    let args = replica_args(&hook, &[]);
+    let _replica_1 = start_serve(&db.url, &args);
+    let _replica_2 = start_serve(&db.url, &args);
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &[
+            "prepare",
+            "b-limit",
+            "--queue",
+            "q",
+            "--from-file",
+            "-",
+            "--max-failed",
+            "5",
+        ],
+        Some(&jsonl_ids(300)),
+    );
+    assert_eq!(code, 0, "{err}");
+    // Every 10th record divides by zero: a permanent failure, 30 in all against 5 tolerated.
+    // Small claims and chunks, so that the pause comes long before the end.
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "sql",
+            "--sql",
+            "select 1 / (substr($1, 2)::int % 10)",
+            "--concurrency",
+            "1",
+            "--claim-size",
+            "20",
+            "--sql-chunk",
+            "10",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    let limit = poll_until(
+        "the failure_limit alert",
+        Duration::from_secs(30),
+        || async { accepted(&received, "failure_limit", "b-limit").pop() },
+    )
+    .await;
+    assert_eq!(limit["queue"], "q");
+    assert_eq!(limit["state"], "paused", "{limit}");
+    let reason = limit["paused_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("too many failures") && reason.contains("5 tolerated"),
+        "{limit}"
+    );
+    assert!(limit["counts"]["failed"].as_i64().unwrap() > 5, "{limit}");
+    assert!(
+        limit["counts"]["pending"].as_i64().unwrap() > 0,
+        "raised while work was left: {limit}"
+    );
+    let text = limit["text"].as_str().unwrap();
+    assert!(text.contains("b-limit") && text.contains("coordinator resume b-limit"));
+    let (_, out, _) = coordinator_async(&db.url, &["status", "b-limit", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(status["state"], "paused", "{status}");
+
+    let (code, out, err) = coordinator_async(&db.url, &["resume", "b-limit"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) =
+        coordinator_async(&db.url, &["wait", "b-limit", "--timeout", "60s"]).await;
+    assert_eq!(code, 3, "finished with failures: {out}{err}");
+    let finished = poll_until(
+        "the finished_with_failures alert",
+        Duration::from_secs(30),
+        || async { accepted(&received, "finished_with_failures", "b-limit").pop() },
+    )
+    .await;
+    assert_eq!(finished["state"], "complete_with_failures", "{finished}");
+    assert_eq!(finished["counts"]["failed"], 30, "{finished}");
+    assert_eq!(finished["counts"]["complete"], 270, "{finished}");
+    assert!(
+        finished.get("paused_reason").is_none(),
+        "the limit was lifted: {finished}"
+    );
+    // Give both replicas several more rounds in which a duplicate could appear.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let limits = accepted(&received, "failure_limit", "b-limit");
+    assert_eq!(limits.len(), 1, "one failure_limit alert: {limits:?}");
+    let finishes = accepted(&received, "finished_with_failures", "b-limit");
+    assert_eq!(finishes.len(), 1, "one finishing alert: {finishes:?}");
+    assert!(accepted(&received, "finished", "b-limit").is_empty());
+    assert!(accepted(&received, "stalled", "b-limit").is_empty());
+    let log = received.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "nothing else was sent: {log:?}");
+    assert_eq!(log[0].body["event"], "failure_limit");
+    assert_ne!(log[0].key, log[1].key);
+    let client = db.client().await;
+    assert_eq!(alerts_raised(&client, "failure_limit").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_alerts_once_when_a_breaker_opens_and_stays_open_across_probes() {
+    let db = TestDb::new("serve_breaker").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "create function call_downstream(id text) returns boolean language plpgsql as $$
+             begin
+                 raise exception 'downstream unavailable for %', id using errcode = '40001';
+             end $$;",
+        )
+        .await
+        .unwrap();
+    let (hook, received) = start_receiver(First::Accept).await;
+    let args = replica_args(&hook, &[]);
+    let _replica_1 = start_serve(&db.url, &args);
+    let _replica_2 = start_serve(&db.url, &args);
+    // Plenty of attempts: the breaker, not the attempt budget, is what stops the work.
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &[
+            "prepare",
+            "b-down",
+            "--queue",
+            "q-down",
+            "--from-file",
+            "-",
+            "--max-attempts",
+            "100",
+            "--backoff-base",
+            "10ms",
+            "--backoff-max",
+            "50ms",
+        ],
+        Some(&jsonl_ids(100)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q-down",
+            "--handler",
+            "sql",
+            "--sql",
+            "select call_downstream($1)",
+            "--concurrency",
+            "1",
+            "--claim-size",
+            "5",
+            "--sql-chunk",
+            "5",
+            "--poll-interval",
+            "100ms",
+            "--breaker-threshold",
+            "3",
+            "--breaker-cooldown",
+            "1s",
+            "--breaker-max-cooldown",
+            "2s",
+        ],
+    );
+    let alert = poll_until(
+        "the breaker_open alert",
+        Duration::from_secs(30),
+        || async { accepted_by(&received, "breaker_open", "queue", "q-down").pop() },
+    )
+    .await;
+    assert!(alert.get("batch").is_none(), "a queue's alert: {alert}");
+    let detail = alert["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("retryable failures in a row"), "{alert}");
+    assert!(
+        alert["text"]
+            .as_str()
+            .unwrap()
+            .contains("Circuit breaker of queue q-down"),
+        "{alert}"
+    );
+    // A probe fails and reopens the breaker for a doubled cool-down: still the same outage.
+    poll_until(
+        "a failed probe reopens the breaker",
+        Duration::from_secs(30),
+        || async {
+            let cooldown = query_i64(
+                &client,
+                "select cooldown_ms from tally.breaker where queue = 'q-down'",
+                &[],
+            )
+            .await;
+            (cooldown >= 2000).then_some(())
+        },
+    )
+    .await;
+    // Give both replicas several more rounds in which a duplicate could appear.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let alerts = accepted_by(&received, "breaker_open", "queue", "q-down");
+    assert_eq!(alerts.len(), 1, "one breaker_open alert: {alerts:?}");
+    assert_eq!(alerts_raised(&client, "breaker_open").await, 1);
+    let log = received.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "nothing else was sent: {log:?}");
+    let failed = query_i64(
+        &client,
+        "select count(*) from tally.record where state = 'failed'",
+        &[],
+    )
+    .await;
+    assert_eq!(failed, 0, "the outage used up no record's attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_redelivers_an_alert_once_after_a_replica_dies_mid_delivery() {
+    let db = TestDb::new("serve_kill_delivery").await;
+    let client = db.client().await;
+    let (hook, received) = start_receiver(First::Hold).await;
+    const LEASE: Duration = Duration::from_secs(3);
+    let args = replica_args(&hook, &["--alert-lease", "3s"]);
+    let mut replica_a = start_serve(&db.url, &args);
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", "b-kill", "--queue", "q", "--from-file", "-"],
+        Some(&jsonl_ids(20)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            "q",
+            "--handler",
+            "noop",
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    // Replica A is the only one running: its request is the one the receiver holds open.
+    let held = poll_until("replica A's request", Duration::from_secs(30), || async {
+        received.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(held.status, 0);
+    assert_eq!(held.body["event"], "finished", "{:?}", held.body);
+    assert_eq!(held.body["batch"], "b-kill");
+    // Replica B runs from now on, but the row is A's until the lease passes.
+    let _replica_b = start_serve(&db.url, &args);
+    replica_a.child.kill();
+
+    let delivered = poll_until("replica B's delivery", Duration::from_secs(30), || async {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|h| h.status == 200)
+            .cloned()
+    })
+    .await;
+    assert_eq!(delivered.key, held.key, "the same Idempotency-Key");
+    assert_eq!(delivered.body, held.body);
+    // A claimed the row just before its request arrived, and B can claim it only once A's
+    // lease has passed (a little slack for the request's own latency).
+    let gap = delivered.at - held.at;
+    assert!(
+        gap >= LEASE - Duration::from_millis(300),
+        "B sent the alert {gap:?} after A's attempt, within A's {LEASE:?} lease"
+    );
+    poll_until(
+        "the delivery marked sent",
+        Duration::from_secs(10),
+        || async {
+            let row = client
+                .query_one("select state, attempts from tally.alert_delivery", &[])
+                .await
+                .unwrap();
+            let (state, attempts): (String, i32) = (row.get(0), row.get(1));
+            (state == "sent").then_some(attempts)
+        },
+    )
+    .await;
+    // Several more rounds of B in which a duplicate could appear.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = received.lock().unwrap().clone();
+    assert_eq!(log.len(), 2, "one held attempt and one accepted: {log:?}");
+    assert!(log.iter().all(|h| h.key == held.key), "{log:?}");
+    let attempts = query_i64(
+        &client,
+        "select attempts::bigint from tally.alert_delivery where state = 'sent'",
+        &[],
+    )
+    .await;
+    assert_eq!(attempts, 2, "A's attempt and B's");
+}
+
 #[test]
 fn serve_rejects_bad_options_with_every_problem_named() {
     let (code, _, err) = coordinator(
@@ -455,9 +816,12 @@ fn serve_rejects_bad_options_with_every_problem_named() {
             "ftp://example.com/x",
             "--stall-after",
             "0s",
+            "--alert-lease",
+            "0s",
         ],
     );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--alert-webhook #1"), "{err}");
     assert!(err.contains("--stall-after must be longer than 0"), "{err}");
+    assert!(err.contains("--alert-lease must be longer than 0"), "{err}");
 }
