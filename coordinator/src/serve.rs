@@ -13,9 +13,9 @@ use prometheus::{
     Registry,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use tally::heartbeat::Heartbeat;
 use tally::store::progress::{AlertTargets, ObserveSettings, Scrape, BATCH_STATES};
 use tally::{Store, StoreError};
 use tokio::sync::OnceCell;
@@ -29,12 +29,12 @@ pub const DEFAULT_FINISHED_RETENTION: &str = "24h";
 pub const DEFAULT_STALL_AFTER: &str = "10m";
 /// How often progress is compared and due alerts are sent.
 pub const DEFAULT_CHECK_INTERVAL: &str = "10s";
+/// How long a claimed alert delivery belongs to its replica: if that replica dies
+/// mid-delivery, another one sends the alert once this has passed.
+pub const DEFAULT_ALERT_LEASE: &str = "60s";
 /// A scrape or readiness check that takes longer fails (before Prometheus' default 10 s
 /// scrape timeout, so that it still gets `tally_serve_up 0`).
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
-/// Backoff between connection attempts while the database is unreachable.
-const CONNECT_RETRY_MIN: Duration = Duration::from_millis(250);
-const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Connections: scrapes, readiness, the observation pass and deliveries.
 const POOL_SIZE: usize = 4;
 
@@ -64,6 +64,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_CHECK_INTERVAL", default_value = DEFAULT_CHECK_INTERVAL,
           value_parser = humantime::parse_duration)]
     check_interval: Duration,
+    /// How long a replica holds an alert delivery it claimed (it bounds the request too).
+    #[arg(long, env = "TALLY_ALERT_LEASE", default_value = DEFAULT_ALERT_LEASE,
+          value_parser = humantime::parse_duration)]
+    alert_lease: Duration,
 }
 
 /// Metrics that outlive one scrape.
@@ -106,22 +110,9 @@ struct Shared {
     store: OnceCell<Store>,
     metrics: ServeMetrics,
     finished_retention: Duration,
-    /// When the background loop last went round (ms since the epoch).
-    last_beat_ms: AtomicU64,
+    /// When the background loop last went round.
+    loop_beat: Heartbeat,
     liveness_window: Duration,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-impl Shared {
-    fn beat(&self) {
-        self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
-    }
 }
 
 /// Runs `serve` until `stop` fires. Bad options are reported all at once before anything
@@ -140,6 +131,7 @@ pub async fn run(
         ("--finished-retention", args.finished_retention),
         ("--stall-after", args.stall_after),
         ("--check-interval", args.check_interval),
+        ("--alert-lease", args.alert_lease),
     ] {
         if value.is_zero() {
             problems.push(format!("{flag} must be longer than 0"));
@@ -163,7 +155,7 @@ pub async fn run(
         store: OnceCell::new(),
         metrics,
         finished_retention: args.finished_retention,
-        last_beat_ms: AtomicU64::new(now_ms()),
+        loop_beat: Heartbeat::default(),
         // One pass may spend a few webhook timeouts delivering before it beats again.
         liveness_window: args.check_interval * 3
             + alerts::DEFAULT_WEBHOOK_TIMEOUT * alerts::CLAIMS_PER_PASS as u32
@@ -209,8 +201,13 @@ async fn watch(
         webhooks: hooks.iter().map(|h| h.key.clone()).collect(),
         watermark,
     };
-    let deliverer = Deliverer::new(store.clone(), hooks, shared.metrics.deliveries.clone())
-        .map_err(StoreError::Invalid)?;
+    let deliverer = Deliverer::new(
+        store.clone(),
+        hooks,
+        args.alert_lease,
+        shared.metrics.deliveries.clone(),
+    )
+    .map_err(StoreError::Invalid)?;
     let settings = ObserveSettings {
         stall_after: args.stall_after,
         finished_retention: args.finished_retention,
@@ -233,7 +230,7 @@ async fn watch(
         if let Err(e) = deliverer.deliver_due().await {
             tracing::warn!("delivering alerts: {e}");
         }
-        shared.beat();
+        shared.loop_beat.beat();
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(args.check_interval) => {}
@@ -248,37 +245,18 @@ async fn connect(
     shared: &Shared,
     stop: &CancellationToken,
 ) -> Result<Option<Store>, StoreError> {
-    let mut delay = CONNECT_RETRY_MIN;
-    loop {
-        match Store::connect(url, POOL_SIZE).await {
-            Ok(store) => {
-                store.check_schema().await?;
-                return Ok(Some(store));
-            }
-            Err(e) if e.is_transient_connect() => tracing::warn!("{e}; retrying in {delay:?}"),
-            Err(e) => return Err(e),
-        }
-        shared.beat();
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(CONNECT_RETRY_MAX);
+    let options = tally::store::ConnectOptions::new(url);
+    let waiting = || shared.loop_beat.beat();
+    let store = Store::connect_waiting(&options, POOL_SIZE, stop, waiting).await?;
+    if let Some(store) = &store {
+        store.check_schema().await?;
     }
+    Ok(store)
 }
 
-/// Stops `serve` on the first SIGTERM or SIGINT.
+/// Stops `serve` on the first SIGTERM or SIGINT; a second one exits at once.
 pub async fn stop_on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    stop.cancel();
+    tally::shutdown::on_signals(stop, "finishing the observation pass").await
 }
 
 async fn metrics_endpoint(
@@ -410,8 +388,7 @@ fn render(scrape: Option<&Scrape>, m: &ServeMetrics) -> Result<String, prometheu
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    let silent_ms = now_ms().saturating_sub(shared.last_beat_ms.load(Ordering::Relaxed));
-    if silent_ms < shared.liveness_window.as_millis() as u64 {
+    if shared.loop_beat.silent_for() < shared.liveness_window {
         (StatusCode::OK, "ok\n")
     } else {
         (

@@ -4,11 +4,13 @@
 pub mod backoff;
 pub mod error;
 pub mod handler;
+pub mod heartbeat;
 pub mod input;
 pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod shutdown;
 pub mod store;
 
 pub use error::StoreError;

@@ -193,7 +193,12 @@ async fn main() -> ExitCode {
     };
     tracing::info!(%queue, webhook = %url, "posting records to the webhook");
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    // First SIGTERM/SIGINT: stop claiming and finish in-flight records. Second: exit at
+    // once; the records still leased are rescued by other workers once their leases expire.
+    tokio::spawn(tally::shutdown::on_signals(
+        shutdown.clone(),
+        "finishing in-flight records",
+    ));
     match worker.run(shutdown).await {
         Ok(summary) => {
             tracing::info!(?summary, "done");
@@ -204,24 +209,6 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// First SIGTERM/SIGINT: stop claiming and finish in-flight records. Second: exit at once;
-/// the records still leased are rescued by other workers once their leases expire.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("stopping: finishing in-flight records (signal again to stop now)");
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    std::process::exit(130);
 }
 
 /// A stand-in for a real webhook, so that the example runs on its own.

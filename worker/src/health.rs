@@ -9,9 +9,10 @@ use axum::Router;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tally::heartbeat::Heartbeat;
 use tally::metrics::WorkerMetrics;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// A loop silent for longer than this (or three poll intervals, if longer) is reported dead.
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
@@ -80,18 +81,11 @@ pub async fn bind(listen: Option<Listen>) -> Result<Option<tokio::net::TcpListen
 /// What the worker's tasks tell the health endpoints.
 #[derive(Debug, Default)]
 pub struct Health {
-    last_beat_ms: AtomicU64,
+    loop_beat: Heartbeat,
     /// 0 until set: [`LIVENESS_WINDOW`].
     window_ms: AtomicU64,
     connected: AtomicBool,
     draining: AtomicBool,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Health {
@@ -104,7 +98,7 @@ impl Health {
 
     /// The loop is alive.
     pub fn beat(&self) {
-        self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
+        self.loop_beat.beat();
     }
 
     /// The last database call succeeded (or failed).
@@ -129,11 +123,10 @@ impl Health {
     /// grace period; restarting it then would only cut the drain short).
     pub fn is_live(&self) -> bool {
         let window = match self.window_ms.load(Ordering::Relaxed) {
-            0 => LIVENESS_WINDOW.as_millis() as u64,
-            ms => ms,
+            0 => LIVENESS_WINDOW,
+            ms => Duration::from_millis(ms),
         };
-        self.draining.load(Ordering::Relaxed)
-            || now_ms().saturating_sub(self.last_beat_ms.load(Ordering::Relaxed)) < window
+        self.draining.load(Ordering::Relaxed) || self.loop_beat.silent_for() < window
     }
 
     /// `Err` with the reason when not ready.
@@ -200,6 +193,26 @@ pub async fn serve(
         .await
 }
 
+/// Binds as [`bind`] does and serves the endpoints in the background until the returned
+/// guard is dropped (`None`: nothing was bound).
+pub async fn start(
+    listen: Option<Listen>,
+    health: Arc<Health>,
+    worker_metrics: Arc<WorkerMetrics>,
+) -> Result<Option<DropGuard>, ListenError> {
+    let Some(listener) = bind(listen).await? else {
+        return Ok(None);
+    };
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, health, worker_metrics, stop).await {
+            tracing::warn!("health endpoints stopped: {e}");
+        }
+    });
+    Ok(Some(guard))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,10 +269,9 @@ mod tests {
         health.set_connected(true);
         assert_eq!(health.readiness(), Ok(()));
         // A beat older than the window: stalled.
-        health.last_beat_ms.store(
-            now_ms() - LIVENESS_WINDOW.as_millis() as u64 - 1,
-            Ordering::Relaxed,
-        );
+        health
+            .loop_beat
+            .backdate(LIVENESS_WINDOW + Duration::from_millis(1));
         assert!(!health.is_live());
         // A long poll interval widens the window.
         health.set_poll_interval(Duration::from_secs(60));

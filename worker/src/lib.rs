@@ -32,6 +32,7 @@
 //! `worker/examples/custom_handler.rs` for a complete program with signal handling.
 
 mod builder;
+pub mod cli;
 pub mod handlers;
 pub mod health;
 mod listener;

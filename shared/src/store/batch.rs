@@ -1,5 +1,6 @@
 //! Batches: prepare (from a file or a query), status, failed records, retry.
 
+use super::progress::{derived_state, StateCounts};
 use super::{sql, Store};
 use crate::error::{describe_pg_error, StoreError};
 use crate::input::{
@@ -392,12 +393,15 @@ impl Store {
                 let complete: i64 = row.get(6);
                 let failed: i64 = row.get(7);
                 let elapsed: Option<f64> = row.get(9);
-                let state = match stored.as_str() {
-                    "ready" if pending + running == 0 && failed > 0 => "complete_with_failures",
-                    "ready" if pending + running == 0 => "complete",
-                    "ready" if elapsed.is_some() => "running",
-                    other => other,
+                let counts = StateCounts {
+                    pending,
+                    running,
+                    complete,
+                    failed,
+                    cancelled: row.get(8),
                 };
+                // started_at is set by the first claim: elapsed is known once started.
+                let state = derived_state(&stored, &counts, elapsed.is_some());
                 let rate = elapsed
                     .filter(|&s| s > 0.0)
                     .map(|s| (complete + failed) as f64 / s);
@@ -413,7 +417,7 @@ impl Store {
                     running,
                     complete,
                     failed,
-                    cancelled: row.get(8),
+                    cancelled: counts.cancelled,
                     max_attempts: row.get(10),
                     created_at: row.get(11),
                     paused_reason: row.get(12),

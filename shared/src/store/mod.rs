@@ -18,6 +18,7 @@ pub use transactional::{is_retryable_sqlstate, StatementFailure, TransactionalRe
 use crate::error::{describe_pg_error, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// A named statement from `sql/queries/`.
 macro_rules! sql {
@@ -34,6 +35,10 @@ pub(crate) use sql;
 
 /// How long a connection attempt may take before it counts as unreachable.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First wait of [`Store::connect_waiting`] while the server is unreachable; it doubles.
+pub const CONNECT_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait of [`Store::connect_waiting`] between connection attempts.
+pub const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Subscribes a session to the channel on which `prepare`, `retry-failed` and the rescuer
 /// announce work (the notification's payload is the queue).
@@ -105,6 +110,32 @@ impl Store {
         };
         drop(store.client().await?);
         Ok(store)
+    }
+
+    /// Like [`Store::connect_with`], but waits with capped backoff while the server is
+    /// unreachable (a program may start before its database, or during a restart), calling
+    /// `waiting` before each wait. `None` when `stop` fires while waiting; errors that waiting
+    /// will not cure (a bad URL, a wrong password) are returned at once.
+    pub async fn connect_waiting(
+        options: &ConnectOptions,
+        max_connections: usize,
+        stop: &CancellationToken,
+        mut waiting: impl FnMut(),
+    ) -> Result<Option<Store>, StoreError> {
+        let mut delay = CONNECT_RETRY_MIN;
+        loop {
+            match Self::connect_with(options, max_connections).await {
+                Ok(store) => return Ok(Some(store)),
+                Err(e) if e.is_transient_connect() => tracing::warn!("{e}; retrying in {delay:?}"),
+                Err(e) => return Err(e),
+            }
+            waiting();
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(CONNECT_RETRY_MAX);
+        }
     }
 
     /// `user@host:port/database`, never the password: for messages.
@@ -252,49 +283,42 @@ impl Drop for Conn {
     }
 }
 
+/// Parameters with their types, as `query_typed` takes them.
+type TypedParams<'a> = [(
+    &'a (dyn tokio_postgres::types::ToSql + Sync),
+    tokio_postgres::types::Type,
+)];
+/// What a query returns.
+type Rows = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>;
+
 /// A connection or transaction that can run a statement with parameter types given.
 pub(crate) trait TypedQuery: deadpool_postgres::GenericClient {
     fn query_with_types<'a>(
         &'a self,
         query: &'a str,
-        params: &'a [(
-            &'a (dyn tokio_postgres::types::ToSql + Sync),
-            tokio_postgres::types::Type,
-        )],
-    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
-           + Send
-           + 'a;
+        params: &'a TypedParams<'a>,
+    ) -> impl std::future::Future<Output = Rows> + Send + 'a;
 }
 
-impl TypedQuery for deadpool_postgres::Object {
-    fn query_with_types<'a>(
-        &'a self,
-        query: &'a str,
-        params: &'a [(
-            &'a (dyn tokio_postgres::types::ToSql + Sync),
-            tokio_postgres::types::Type,
-        )],
-    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
-           + Send
-           + 'a {
-        self.query_typed(query, params)
-    }
+/// Both clients have an inherent `query_typed`; the trait lets [`query_cached`] take either.
+macro_rules! impl_typed_query {
+    ($($client:ty),*) => {$(
+        impl TypedQuery for $client {
+            fn query_with_types<'a>(
+                &'a self,
+                query: &'a str,
+                params: &'a TypedParams<'a>,
+            ) -> impl std::future::Future<Output = Rows> + Send + 'a {
+                self.query_typed(query, params)
+            }
+        }
+    )*};
 }
 
-impl TypedQuery for deadpool_postgres::Transaction<'_> {
-    fn query_with_types<'a>(
-        &'a self,
-        query: &'a str,
-        params: &'a [(
-            &'a (dyn tokio_postgres::types::ToSql + Sync),
-            tokio_postgres::types::Type,
-        )],
-    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
-           + Send
-           + 'a {
-        self.query_typed(query, params)
-    }
-}
+impl_typed_query!(
+    deadpool_postgres::Object,
+    deadpool_postgres::Transaction<'_>
+);
 
 /// Runs `query` on `client`: prepared once per connection and cached. Behind PgBouncer, where
 /// a prepared statement must not outlive the transaction (the server connection goes to
