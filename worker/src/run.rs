@@ -2,7 +2,7 @@
 
 use crate::{listener, Database, Health, Processor, WorkerConfig, WorkerError};
 use futures::FutureExt;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,12 @@ const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Retry wake-ups are rounded up to this step, so that a flush of many retries with jittered
+/// delays keeps a few wake-ups rather than one per row; the rounding is also the margin that
+/// makes the wake-up fall after the row's `available_at`.
+const RETRY_WAKE_STEP: Duration = Duration::from_millis(20);
+/// Pending retry wake-ups kept, at most; beyond that the latest are left to the poll.
+const RETRY_WAKE_MAX: usize = 10_000;
 
 /// Counts of what one run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -104,9 +110,57 @@ struct Shared {
     /// This worker reported retryable failures and no success since.
     breaker_dirty: AtomicBool,
     health: Arc<Health>,
+    /// When rows this worker sent back for a retry become due: the idle claim loop wakes for
+    /// the earliest instead of waiting for the poll.
+    retries: Mutex<BTreeSet<tokio::time::Instant>>,
+    /// Fires when a retry earlier than all those pending was recorded.
+    retry_recorded: Notify,
+    /// Origin of the wake-up steps (see [`RETRY_WAKE_STEP`]).
+    epoch: tokio::time::Instant,
 }
 
 impl Shared {
+    /// Rows were written back as pending `delay`s from now: wake up when they are due. Called
+    /// after the write returned, so each wake-up falls after the statement's `now() + delay`.
+    fn note_retries(&self, delays: impl IntoIterator<Item = Duration>) {
+        let now = tokio::time::Instant::now();
+        let step = RETRY_WAKE_STEP.as_nanos();
+        let mut earlier = false;
+        if let Ok(mut retries) = self.retries.lock() {
+            let first = retries.first().copied();
+            for delay in delays {
+                let since = (now + delay).duration_since(self.epoch).as_nanos();
+                let steps = since.div_ceil(step) + 1;
+                let at = self.epoch + Duration::from_nanos((steps * step) as u64);
+                if retries.len() >= RETRY_WAKE_MAX {
+                    match retries.last() {
+                        Some(&last) if at < last => retries.remove(&last),
+                        _ => continue,
+                    };
+                }
+                retries.insert(at);
+            }
+            earlier = retries.first().copied() != first;
+        }
+        if earlier {
+            self.retry_recorded.notify_one();
+        }
+    }
+
+    /// The earliest pending retry wake-up.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.retries.lock().ok().and_then(|r| r.first().copied())
+    }
+
+    /// A claim round that began at `at` found every row due by then: forget their wake-ups.
+    fn retries_claimed(&self, at: tokio::time::Instant) {
+        if let Ok(mut retries) = self.retries.lock() {
+            if retries.first().is_some_and(|first| *first <= at) {
+                *retries = retries.split_off(&(at + Duration::from_nanos(1)));
+            }
+        }
+    }
+
     fn track(&self, records: &[ClaimedRecord]) {
         if let Ok(mut f) = self.in_flight.lock() {
             for r in records {
@@ -340,6 +394,9 @@ impl Worker {
             probing: AtomicBool::new(false),
             breaker_dirty: AtomicBool::new(false),
             health: self.health.clone(),
+            retries: Mutex::new(BTreeSet::new()),
+            retry_recorded: Notify::new(),
+            epoch: tokio::time::Instant::now(),
             config,
         });
         let background = CancellationToken::new();
@@ -422,10 +479,14 @@ async fn claim_loop(
                 continue;
             }
         }
+        let round_began = tokio::time::Instant::now();
         let claimed = match claim_round(shared, processor, &mut started, &outcomes).await {
             Ok(n) => {
                 shared.health.set_connected(true);
                 error_delay = ERROR_BACKOFF_MIN;
+                // Rows due by now were claimed here, or are claimed next round (the loop
+                // claims again at once while rounds find rows).
+                shared.retries_claimed(round_began);
                 n
             }
             Err(e) => {
@@ -439,12 +500,25 @@ async fn claim_loop(
                 continue;
             }
         };
-        if claimed == 0 {
-            tokio::select! {
-                _ = shared.soft.cancelled() => return,
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(cfg.poll_interval) => {}
-            }
+        if claimed == 0 && !wait_for_work(shared, wake).await {
+            return;
+        }
+    }
+}
+
+/// Nothing to claim: waits for a notification, the poll, or the earliest retry this worker
+/// wrote back coming due. False when the worker is stopping.
+async fn wait_for_work(shared: &Shared, wake: &Notify) -> bool {
+    let poll = tokio::time::Instant::now() + shared.config.poll_interval;
+    loop {
+        let due = shared.next_retry().filter(|at| *at < poll);
+        tokio::select! {
+            _ = shared.soft.cancelled() => return false,
+            _ = wake.notified() => return true,
+            _ = tokio::time::sleep_until(poll) => return true,
+            _ = tokio::time::sleep_until(due.unwrap_or(poll)), if due.is_some() => return true,
+            // A retry earlier than the one waited for was recorded: wait for that one.
+            _ = shared.retry_recorded.notified() => {}
         }
     }
 }
@@ -774,11 +848,14 @@ async fn run_sql_chunk(
                 if result.failed.iter().any(|o| o.state == RecordState::Failed) {
                     check_failure_limits(shared, &[batch.id]).await;
                 }
-                let retried = result
+                let retried: Vec<Duration> = result
                     .failed
                     .iter()
                     .filter(|o| o.state == RecordState::Pending)
-                    .count();
+                    .map(|o| o.retry_in)
+                    .collect();
+                shared.note_retries(retried.iter().copied());
+                let retried = retried.len();
                 report_to_breaker(shared, result.completed, retried as u64).await;
                 break;
             }
@@ -880,9 +957,13 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
             let written: HashSet<i64> = written.into_iter().collect();
             let mut lost = Vec::new();
             let mut failed_in = Vec::new();
+            let mut retries = Vec::new();
             for outcome in &buffer {
                 if written.contains(&outcome.id) {
                     count(&shared, outcome);
+                    if outcome.state == RecordState::Pending {
+                        retries.push(outcome.retry_in);
+                    }
                     if outcome.state == RecordState::Failed
                         && !failed_in.contains(&outcome.batch_id)
                     {
@@ -892,6 +973,7 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
                     lost.push(outcome.id);
                 }
             }
+            shared.note_retries(retries);
             shared.note_refused(&lost, retrying);
             if !retrying && !lost.is_empty() {
                 let lost: HashSet<i64> = lost.into_iter().collect();
