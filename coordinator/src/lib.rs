@@ -144,15 +144,22 @@ struct PrepareArgs {
     max_payload_bytes: usize,
 }
 
-/// Runs one command; returns the process exit code. Messages go to stderr, results to stdout.
+/// Runs one command; returns the process exit code. Messages go to stderr (as JSON lines when
+/// logging was set up with the JSON format), results to stdout.
 pub async fn run(cli: Cli) -> u8 {
     match execute(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("coordinator: {e}");
+            tally::logging::report("coordinator", &e);
             exit_code_of(&e)
         }
     }
+}
+
+/// Progress may be drawn on stderr: it is a terminal, and not reserved for JSON log lines.
+fn interactive_stderr() -> bool {
+    std::io::stderr().is_terminal()
+        && tally::logging::installed_format() != Some(tally::logging::LogFormat::Json)
 }
 
 fn exit_code_of(e: &StoreError) -> u8 {
@@ -304,7 +311,7 @@ async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {
     let started = Instant::now();
     let outcome = match (args.from_file, args.from_query) {
         (Some(path), _) => {
-            let progress = output::progress_bar(std::io::stderr().is_terminal());
+            let progress = output::progress_bar(interactive_stderr());
             let callback = progress
                 .clone()
                 .map(|bar| Arc::new(move |n: u64| bar.set_position(n)) as tally::store::Progress);
@@ -376,7 +383,7 @@ async fn wait(
     interval: Duration,
 ) -> Result<u8, StoreError> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    let interactive = std::io::stderr().is_terminal();
+    let interactive = interactive_stderr();
     loop {
         let statuses = store.batch_status(Some(batch)).await?;
         let Some(status) = statuses.first() else {
@@ -400,9 +407,10 @@ async fn wait(
             if interactive {
                 eprintln!();
             }
-            eprintln!(
-                "coordinator: timed out waiting for batch {batch}: {}",
-                output::status_line(status)
+            let line = output::status_line(status);
+            tally::logging::report(
+                "coordinator",
+                format!("timed out waiting for batch {batch}: {line}"),
             );
             return Ok(exit::TIMEOUT);
         }

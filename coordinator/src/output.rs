@@ -27,7 +27,7 @@ pub fn print_json<T: Serialize>(items: &[T], single: bool) {
     };
     match text {
         Ok(text) => println!("{text}"),
-        Err(e) => eprintln!("coordinator: cannot encode JSON: {e}"),
+        Err(e) => tally::logging::report("coordinator", format!("cannot encode JSON: {e}")),
     }
 }
 

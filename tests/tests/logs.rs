@@ -1,6 +1,7 @@
 //! Structured logs of a real `worker` process: with `--log-format json` every stderr line is
 //! a JSON object, record-level lines carry the batch and record id, and the password of the
-//! database URL appears nowhere, even at `RUST_LOG=debug`.
+//! database URL appears nowhere, even at `RUST_LOG=debug`. The errors that end a run of either
+//! binary (usage, configuration, connection, command failures) are JSON lines too.
 
 use std::io::Cursor;
 use std::process::{Command, Stdio};
@@ -206,4 +207,196 @@ async fn json_logs_carry_record_fields_and_never_the_password() {
     let reason = outcomes[0].2["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("invalid input syntax"), "{}", outcomes[0].2);
     drop(role);
+}
+
+/// Runs `program` to its end with `args`, `DATABASE_URL=url`, the log format only from the
+/// arguments and `env`; returns (exit code, stdout, stderr).
+fn run_binary(
+    program: &str,
+    url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let mut cmd = Command::new(binary(program));
+    cmd.args(args)
+        .env("DATABASE_URL", url)
+        .env_remove(tally::logging::ENV_LOG_FORMAT)
+        .env_remove("RUST_LOG")
+        .env("TALLY_LISTEN", "off");
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = output_with_stdin(&mut cmd, None);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every line of `stderr` parsed as JSON (panics on one that is not); the ERROR lines of
+/// `target` must include one whose message holds `expect`.
+fn assert_json_error(what: &str, stderr: &str, target: &str, expect: &str) -> Vec<Value> {
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{what}: not a JSON line ({e}): {l}"))
+        })
+        .collect();
+    let found = lines.iter().any(|l| {
+        l["level"] == "ERROR"
+            && l["target"] == target
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(expect))
+    });
+    assert!(
+        found,
+        "{what}: no ERROR line of {target} saying {expect:?} in:\n{stderr}"
+    );
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_format_also_covers_the_errors_that_end_a_run() {
+    let db = TestDb::new("logs_errors").await;
+    let json = ["--log-format", "json"];
+
+    // The worker: a configuration problem, found after parsing.
+    let (code, _, stderr) = run_binary(
+        "worker",
+        &db.url,
+        &["--queue", "q", "--handler", "sql", "--log-format", "json"],
+        &[],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert_json_error(
+        "worker without --sql",
+        &stderr,
+        "worker",
+        "--handler sql needs --sql",
+    );
+
+    // A usage error clap reports before the format is parsed: the argument is found anyway,
+    // and so is the environment variable.
+    let (code, _, stderr) = run_binary(
+        "worker",
+        &db.url,
+        &["--handler", "sql", "--log-format=json"],
+        &[],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert_json_error("worker without --queue", &stderr, "worker", "--queue");
+    let (code, _, stderr) = run_binary(
+        "worker",
+        &db.url,
+        &["--queue", "q", "--handler", "nope"],
+        &[(tally::logging::ENV_LOG_FORMAT, "json")],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert_json_error("worker --handler nope", &stderr, "worker", "'nope'");
+
+    // Credentials the server refuses: the error names the login, never its password.
+    let password = format!("Pw-{}-n0-such-r0le", std::process::id());
+    let user = format!("tally_logs_missing_{}", std::process::id());
+    let bad_login = with_login(&db.url, &user, &password);
+    let (code, _, stderr) = run_binary(
+        "worker",
+        &bad_login,
+        &[&["--queue", "q", "--handler", "noop"][..], &json].concat(),
+        &[("RUST_LOG", "debug")],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_json_error(
+        "worker with a bad login",
+        &stderr,
+        "worker",
+        "cannot connect",
+    );
+    assert!(stderr.contains(&user), "the error names the user: {stderr}");
+    assert!(
+        !stderr.contains(&password),
+        "the password appears: {stderr}"
+    );
+
+    // The coordinator: a command that fails at run time, and bad input.
+    let (code, stdout, stderr) = run_binary(
+        "coordinator",
+        &db.url,
+        &["status", "nope", "--log-format", "json"],
+        &[],
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert_json_error(
+        "status of a missing batch",
+        &stderr,
+        "coordinator",
+        "batch \"nope\" does not exist",
+    );
+    let dir = TempDir::new("logs-errors");
+    let file = dir.0.join("bad.jsonl");
+    std::fs::write(&file, "{\"id\":\"a\"}\n{\"id\":\n").expect("write input");
+    let file = file.display().to_string();
+    let (code, _, stderr) = run_binary(
+        "coordinator",
+        &db.url,
+        &[
+            "--log-format",
+            "json",
+            "prepare",
+            "b",
+            "--queue",
+            "q",
+            "--from-file",
+            &file,
+        ],
+        &[],
+    );
+    assert_eq!(code, 65, "{stderr}");
+    assert_json_error(
+        "prepare of a malformed file",
+        &stderr,
+        "coordinator",
+        "line 2",
+    );
+
+    // `wait` running out of time explains its exit code on stderr; stdout is unchanged.
+    tally_tests::prepare_stdin(&db.url, "w", "q", b"{\"id\":\"a\"}\n", &[]);
+    let (code, _, stderr) = run_binary(
+        "coordinator",
+        &db.url,
+        &[
+            "wait",
+            "w",
+            "--timeout",
+            "50ms",
+            "--interval",
+            "10ms",
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 4, "{stderr}");
+    assert_json_error(
+        "wait past its timeout",
+        &stderr,
+        "coordinator",
+        "timed out waiting for batch w",
+    );
+    let (code, stdout, stderr) = run_binary(
+        "coordinator",
+        &db.url,
+        &["status", "w", "--json", "--log-format", "json"],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let status: Value = serde_json::from_str(&stdout).expect("status --json is one JSON document");
+    assert_eq!(status["batch"], "w", "{stdout}");
+    assert!(stderr.is_empty(), "{stderr}");
+
+    // Text stays as it was.
+    let (code, _, stderr) = run_binary("coordinator", &db.url, &["status", "nope"], &[]);
+    assert_eq!(code, 1);
+    assert_eq!(stderr, "coordinator: batch \"nope\" does not exist\n");
 }

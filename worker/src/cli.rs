@@ -251,12 +251,40 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> u8 {
     }
 }
 
-/// Writes each problem to stderr as `worker: …`; returns `code`.
+/// Writes each problem to stderr, as `worker: …` or a JSON line in the log format; returns
+/// `code`.
 fn report(problems: &[impl std::fmt::Display], code: u8) -> u8 {
     for p in problems {
-        eprintln!("worker: {p}");
+        tally::logging::report("worker", p);
     }
     code
+}
+
+/// Prints what clap says about the command line (help and version on stdout, errors on
+/// stderr) and returns the exit code. Errors come before `--log-format` is parsed, so the
+/// format is read from the raw arguments and the environment: with json, an error is one
+/// JSON line holding clap's message.
+pub fn usage_error(e: &clap::Error) -> u8 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return EXIT_OK;
+    }
+    match tally::logging::format_from_args(std::env::args_os()) {
+        LogFormat::Text => {
+            let _ = e.print();
+        }
+        LogFormat::Json => {
+            tally::logging::report_in(LogFormat::Json, "worker", clap_message(e));
+        }
+    }
+    EXIT_USAGE
+}
+
+/// clap's message without colours and without its `error: ` prefix (the level says it).
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let text = text.trim_end();
+    text.strip_prefix("error: ").unwrap_or(text).to_string()
 }
 
 /// Flags of the http and exec handlers.

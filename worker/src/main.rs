@@ -8,23 +8,16 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::from(cli::EXIT_USAGE);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(e) => return ExitCode::from(cli::usage_error(&e)),
     };
     if let Err(e) = tally::logging::init(args.log_format(), "info") {
-        eprintln!("worker: {e}");
+        tally::logging::report_in(args.log_format(), "worker", e);
         return ExitCode::from(cli::EXIT_USAGE);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("worker: cannot start the async runtime: {e}");
+            tally::logging::report("worker", format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
