@@ -4,10 +4,11 @@
 --
 --   psql "$OWNER_DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/roles.sql
 --
--- Two group roles (NOLOGIN) hold the privileges; log-in roles are made members:
+-- Three group roles (NOLOGIN) hold the privileges; log-in roles are made members:
 --
 --   create role orders_worker login password '...' in role tally_worker;
 --   create role ops_coordinator login password '...' in role tally_coordinator;
+--   create role keda_scaler login password '...' in role tally_scaler;
 --
 -- tally_coordinator: prepare batches (COPY into tally.record), status, wait, failed,
 --   pause/resume/cancel, retry-failed, purge, serve. Not migrate: schema changes stay with the
@@ -16,6 +17,8 @@
 --   expired leases; the circuit breaker. It cannot create batches, insert or delete records,
 --   or change any table's definition. The statement of `--handler sql` needs its own grants,
 --   given by the operator to the worker's log-in role (e.g. INSERT on the target table).
+-- tally_scaler: the autoscaler's backlog query (sql/queries/queue_backlog.sql) and nothing
+--   else: it reads batches and their maintained counts, never a record or its payload.
 
 do $$
 begin
@@ -25,10 +28,13 @@ begin
     if not exists (select from pg_roles where rolname = 'tally_worker') then
         create role tally_worker nologin;
     end if;
+    if not exists (select from pg_roles where rolname = 'tally_scaler') then
+        create role tally_scaler nologin;
+    end if;
 end
 $$;
 
-grant usage on schema tally to tally_coordinator, tally_worker;
+grant usage on schema tally to tally_coordinator, tally_worker, tally_scaler;
 
 -- Coordinator: every row of every Tally table, no DDL.
 grant select, insert, update, delete on all tables in schema tally to tally_coordinator;
@@ -51,3 +57,6 @@ grant select, insert, update on tally.batch_count to tally_worker;
 -- The circuit breaker's functions read and write its table as their caller.
 grant select, insert, update on tally.breaker to tally_worker;
 grant execute on all functions in schema tally to tally_worker;
+
+-- Scaler: the backlog query's two tables, read only; no payloads (tally.record).
+grant select on tally.batch, tally.batch_count to tally_scaler;

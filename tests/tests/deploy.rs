@@ -505,6 +505,82 @@ fn kustomize_renders_manifests_that_validate_strictly() {
         find(&docs, "PodDisruptionBudget", "tally-worker")["spec"]["maxUnavailable"],
         1
     );
+    // KEDA owns the worker count: a `replicas` here would reset it on every apply.
+    assert!(
+        worker["spec"]["replicas"].is_null(),
+        "the worker Deployment sets replicas, which fights the ScaledObject"
+    );
+}
+
+/// The Secrets a pod spec mounts, and the file its DATABASE_URL_FILE names.
+fn database_secret(what: &str, spec: &Value) -> String {
+    let volumes = spec["volumes"].as_array().expect("volumes");
+    let secrets: Vec<&str> = volumes
+        .iter()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(secrets.len(), 1, "{what}: one Secret expected: {secrets:?}");
+    let volume = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secrets[0])
+        .expect("secret volume");
+    for c in spec["containers"].as_array().expect("containers") {
+        let file = c["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|e| e["name"] == "DATABASE_URL_FILE"))
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{what}: no DATABASE_URL_FILE"));
+        let mounted = c["volumeMounts"].as_array().is_some_and(|mounts| {
+            mounts.iter().any(|m| {
+                m["name"] == volume["name"]
+                    && m["readOnly"] == true
+                    && m["mountPath"]
+                        .as_str()
+                        .is_some_and(|p| file == format!("{p}/database-url"))
+            })
+        });
+        assert!(mounted, "{what}: {file} is not in the mounted Secret");
+    }
+    secrets[0].to_string()
+}
+
+#[test]
+fn each_workload_logs_in_with_the_secret_of_its_role() {
+    let docs = yaml_to_json(&kustomize());
+    // pod_specs names a workload by its kind and name as JSON strings.
+    let expected = [
+        ("Job", "tally-migrate", "tally-database-owner"),
+        (
+            "CronJob",
+            "tally-prepare-nightly",
+            "tally-database-coordinator",
+        ),
+        ("Deployment", "tally-serve", "tally-database-coordinator"),
+        ("Deployment", "tally-worker", "tally-database-worker"),
+    ];
+    let specs = pod_specs(&docs);
+    assert_eq!(specs.len(), expected.len(), "{specs:?}");
+    for (what, spec) in specs {
+        let (_, _, secret) = expected
+            .iter()
+            .find(|(kind, name, _)| what == format!("\"{kind}\" \"{name}\""))
+            .unwrap_or_else(|| panic!("unexpected workload {what}"));
+        assert_eq!(database_secret(&what, spec), *secret, "{what}");
+    }
+    // KEDA's scaler connection is the read-only scaler login, not the owner's.
+    let auth = find(&docs, "TriggerAuthentication", "tally-scaler");
+    let refs = auth["spec"]["secretTargetRef"]
+        .as_array()
+        .expect("secretTargetRef");
+    assert_eq!(refs.len(), 1, "{refs:?}");
+    assert_eq!(refs[0]["parameter"], "connection");
+    assert_eq!(refs[0]["name"], "tally-database-scaler");
+    assert_eq!(refs[0]["key"], "database-url");
+    let scaled = find(&docs, "ScaledObject", "tally-worker");
+    assert_eq!(
+        scaled["spec"]["triggers"][0]["authenticationRef"]["name"],
+        "tally-scaler"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `sql/roles.sql`: a worker log-in role in `tally_worker` processes a real batch but cannot
 //! create batches or change tables; a coordinator role in `tally_coordinator` prepares and
-//! administers. Roles are cluster-wide, so this runs on a private cluster.
+//! administers; a scaler role in `tally_scaler` runs the autoscaler's backlog query and reads
+//! no record. Roles are cluster-wide, so this runs on a private cluster.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -122,4 +123,63 @@ async fn worker_role_processes_a_batch_and_may_do_nothing_else() {
             .as_deref(),
         Some("42501")
     );
+}
+
+/// The autoscaler's log-in role (deploy/k8s/keda.yaml) runs the backlog query and reads no
+/// record, payload or lease, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaler_role_reads_the_backlog_and_no_records() {
+    const QUEUE_BACKLOG_SQL: &str = include_str!("../../sql/queries/queue_backlog.sql");
+    let pg = ThrowawayPg::start("roles-scaler");
+    let db = TestDb::new_at(&pg.url, "roles_scaler").await;
+    let owner = db.client().await;
+    owner.batch_execute(ROLES_SQL).await.expect("roles.sql");
+    owner
+        .batch_execute(ROLES_SQL)
+        .await
+        .expect("roles.sql again");
+    owner
+        .batch_execute("create role s1 login in role tally_scaler")
+        .await
+        .unwrap();
+    let store = db.store().await;
+    store
+        .prepare_from_reader(
+            &tally_tests::spec("b1", "q"),
+            std::io::Cursor::new(tally_tests::jsonl_ids(40)),
+            tally::input::Format::Jsonl,
+            1 << 20,
+            None,
+        )
+        .await
+        .expect("prepare");
+    let b1 = tally_tests::batch_id(&owner, "b1").await;
+    let claimed = store
+        .claim(b1, 5, "w1", Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 5);
+
+    let scaler_url = with_database(&as_role(&pg.url, "s1"), &db.name);
+    let s1 = tally_tests::connect(&scaler_url).await;
+    assert_eq!(
+        tally_tests::query_i64(&s1, QUEUE_BACKLOG_SQL, &[&"q"]).await,
+        40,
+        "35 pending + 5 running"
+    );
+    for statement in [
+        "select payload from tally.record limit 1",
+        "select count(*) from tally.record",
+        "select * from tally.lease",
+        "update tally.batch set state = 'paused'",
+        "insert into tally.batch_count (batch_id, state, slot, n) values (1, 'pending', 0, 1)",
+        "delete from tally.batch",
+        "create table tally.evil (id int)",
+    ] {
+        assert_eq!(
+            sqlstate(&s1, statement).await.as_deref(),
+            Some("42501"),
+            "scaler role was allowed: {statement}"
+        );
+    }
 }
