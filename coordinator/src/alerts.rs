@@ -17,6 +17,9 @@ pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Longest Retry-After honoured: a webhook asking for more is retried after this (an
+/// unbounded value would overflow the next attempt's time in PostgreSQL).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Attempts before a delivery is given up (about eight hours at the longest delay).
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 100;
 /// Deliveries claimed at once.
@@ -230,7 +233,7 @@ impl Deliverer {
             }
             Err(f) => {
                 let give_up = f.permanent || d.attempt >= DEFAULT_MAX_ATTEMPTS;
-                let retry_in = retry_delay(d.attempt).max(f.retry_after.unwrap_or_default());
+                let retry_in = next_retry(d.attempt, f.retry_after);
                 if give_up {
                     tracing::error!(
                         "alert {} not delivered to {} after {} attempts, giving up: {}",
@@ -301,6 +304,14 @@ fn retry_delay(attempt: i32) -> Duration {
         .min(DEFAULT_RETRY_MAX)
 }
 
+/// Delay before the next attempt: the backoff, or the webhook's Retry-After if longer, never
+/// more than [`MAX_RETRY_AFTER`].
+fn next_retry(attempt: i32, retry_after: Option<Duration>) -> Duration {
+    retry_delay(attempt)
+        .max(retry_after.unwrap_or_default())
+        .min(MAX_RETRY_AFTER.max(DEFAULT_RETRY_MAX))
+}
+
 /// The error and its causes, without the URL (which may hold a secret).
 fn describe_reqwest_error(e: reqwest::Error) -> String {
     let e = e.without_url();
@@ -338,5 +349,20 @@ mod tests {
         assert_eq!(retry_delay(1), DEFAULT_RETRY_BASE);
         assert_eq!(retry_delay(2), DEFAULT_RETRY_BASE * 2);
         assert_eq!(retry_delay(90), DEFAULT_RETRY_MAX);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_up_to_a_cap() {
+        let huge = Some(Duration::from_secs(u64::MAX));
+        assert_eq!(next_retry(1, huge), MAX_RETRY_AFTER);
+        assert_eq!(next_retry(90, huge), MAX_RETRY_AFTER);
+        let ask = Some(Duration::from_secs(120));
+        assert_eq!(next_retry(1, ask), Duration::from_secs(120));
+        assert_eq!(
+            next_retry(90, ask),
+            DEFAULT_RETRY_MAX,
+            "the backoff when longer"
+        );
+        assert_eq!(next_retry(1, None), DEFAULT_RETRY_BASE);
     }
 }

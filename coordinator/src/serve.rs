@@ -38,6 +38,30 @@ const DB_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections: scrapes, readiness, the observation pass and deliveries.
 const POOL_SIZE: usize = 4;
 
+/// Alert webhook URLs, comma-separated, used when no `--alert-webhook` is given.
+pub const WEBHOOKS_ENV: &str = "TALLY_ALERT_WEBHOOKS";
+
+/// The webhook URLs: the `--alert-webhook` values as given (each one URL, commas and all),
+/// or else `env` (the value of [`WEBHOOKS_ENV`]) split at commas, empty entries skipped.
+fn webhook_urls(
+    flags: &[String],
+    env: Result<String, std::env::VarError>,
+) -> Result<Vec<String>, String> {
+    if !flags.is_empty() {
+        return Ok(flags.to_vec());
+    }
+    match env {
+        Ok(list) => Ok(list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect()),
+        Err(std::env::VarError::NotPresent) => Ok(Vec::new()),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{WEBHOOKS_ENV} is not valid UTF-8")),
+    }
+}
+
 /// Options of `coordinator serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -48,13 +72,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_FINISHED_RETENTION", default_value = DEFAULT_FINISHED_RETENTION,
           value_parser = humantime::parse_duration)]
     finished_retention: Duration,
-    /// Webhook URL for alerts (Slack-compatible JSON); repeat for several.
-    #[arg(
-        long = "alert-webhook",
-        env = "TALLY_ALERT_WEBHOOKS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
+    /// Webhook URL for alerts (Slack-compatible JSON); repeat for several. Without the flag:
+    /// TALLY_ALERT_WEBHOOKS, comma-separated.
+    // Not clap's `env`: its delimiter would split flag values too, and a URL's query may
+    // hold a comma. The variable is read in `webhook_urls`.
+    #[arg(long = "alert-webhook")]
     alert_webhooks: Vec<String>,
     /// Raise `stalled` when work is pending but no record finished for this long.
     #[arg(long, env = "TALLY_STALL_AFTER", default_value = DEFAULT_STALL_AFTER,
@@ -123,7 +145,12 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<u8, StoreError> {
     let mut problems = Vec::new();
-    let hooks = alerts::parse_webhooks(&args.alert_webhooks).unwrap_or_else(|p| {
+    let urls =
+        webhook_urls(&args.alert_webhooks, std::env::var(WEBHOOKS_ENV)).unwrap_or_else(|p| {
+            problems.push(p);
+            Vec::new()
+        });
+    let hooks = alerts::parse_webhooks(&urls).unwrap_or_else(|p| {
         problems.extend(p);
         Vec::new()
     });
@@ -462,5 +489,23 @@ mod tests {
         let down = render(None, &m).unwrap();
         assert!(down.lines().any(|l| l == "tally_serve_up 0"));
         assert!(!down.contains("tally_batch_records{"));
+    }
+
+    #[test]
+    fn webhook_flags_keep_their_commas_and_the_env_list_is_split() {
+        let url = "https://hooks.example.com/x?channels=a,b".to_string();
+        let env = Ok("https://a.example.com/1, https://b.example.com/2,".to_string());
+        assert_eq!(
+            webhook_urls(std::slice::from_ref(&url), env.clone()).unwrap(),
+            std::slice::from_ref(&url),
+            "a flag value is one URL, and the flag wins over the variable"
+        );
+        assert_eq!(
+            webhook_urls(&[], env).unwrap(),
+            ["https://a.example.com/1", "https://b.example.com/2"]
+        );
+        assert!(webhook_urls(&[], Err(std::env::VarError::NotPresent))
+            .unwrap()
+            .is_empty());
     }
 }

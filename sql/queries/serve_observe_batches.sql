@@ -7,7 +7,12 @@ select b.id, b.name, b.queue, b.state, b.paused_reason, b.total,
        coalesce(p.done, 0), coalesce(p.finished, false), coalesce(p.finish_episode, 0),
        coalesce(p.stalled, false), coalesce(p.stall_episode, 0),
        coalesce(p.limit_paused, false), coalesce(p.limit_episode, 0),
-       coalesce(extract(epoch from now() - p.changed_at), 0)::float8 as unchanged_s
+       coalesce(extract(epoch from now() - p.changed_at), 0)::float8 as unchanged_s,
+       coalesce(p.failed, 0),
+       -- The batch's last own change (ready, started, paused, resumed) is older than the
+       -- retention: if it is first seen already finished, it finished long ago.
+       greatest(b.updated_at, b.ready_at, b.started_at)
+           < now() - make_interval(secs => $1::float8) as quiet_long
   from tally.batch b
   left join tally.batch_progress p on p.batch_id = b.id
   cross join lateral (

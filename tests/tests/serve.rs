@@ -825,3 +825,128 @@ fn serve_rejects_bad_options_with_every_problem_named() {
     assert!(err.contains("--stall-after must be longer than 0"), "{err}");
     assert!(err.contains("--alert-lease must be longer than 0"), "{err}");
 }
+
+/// Prepares `batch` in queue `queue` with `n` records and runs it to its end with a SQL
+/// handler `sql`; returns `coordinator wait`'s exit code.
+async fn run_batch(db: &TestDb, batch: &str, queue: &str, n: u32, sql: &str) -> i32 {
+    let (code, _, err) = coordinator_with_stdin(
+        &db.url,
+        &["prepare", batch, "--queue", queue, "--from-file", "-"],
+        Some(&jsonl_ids(n)),
+    );
+    assert_eq!(code, 0, "{err}");
+    let _worker = start_worker(
+        &db.url,
+        &[
+            "--queue",
+            queue,
+            "--handler",
+            "sql",
+            "--sql",
+            sql,
+            "--poll-interval",
+            "100ms",
+        ],
+    );
+    let (code, out, err) = coordinator_async(&db.url, &["wait", batch, "--timeout", "60s"]).await;
+    assert!(code == 0 || code == 3, "{out}{err}");
+    code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_alerts_again_when_retried_records_all_complete_between_two_passes() {
+    let db = TestDb::new("serve_refinish").await;
+    let (hook, received) = start_receiver(First::Accept).await;
+    // r10 and r20 divide by zero: a permanent failure each.
+    let divide = "select 1 / (substr($1, 2)::int % 10)";
+    {
+        let _serve = start_serve(&db.url, &replica_args(&hook, &[]));
+        assert_eq!(run_batch(&db, "b-re", "q", 20, divide).await, 3);
+        let first = poll_until(
+            "the finished_with_failures alert",
+            Duration::from_secs(30),
+            || async { accepted(&received, "finished_with_failures", "b-re").pop() },
+        )
+        .await;
+        assert_eq!(first["counts"]["failed"], 2, "{first}");
+    }
+    // The cause is fixed and the failures retried while no replica looks: the next pass sees
+    // the same complete + failed as the last one, and the batch finished all along, but it
+    // finished anew, now without failures.
+    let (code, out, err) = coordinator_async(&db.url, &["retry-failed", "b-re"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = {
+        let _worker = start_worker(
+            &db.url,
+            &[
+                "--queue",
+                "q",
+                "--handler",
+                "sql",
+                "--sql",
+                "select 1",
+                "--poll-interval",
+                "100ms",
+            ],
+        );
+        coordinator_async(&db.url, &["wait", "b-re", "--timeout", "60s"]).await
+    };
+    assert_eq!(code, 0, "{out}{err}");
+    let _serve = start_serve(&db.url, &replica_args(&hook, &[]));
+    let finished = poll_until("the finished alert", Duration::from_secs(30), || async {
+        accepted(&received, "finished", "b-re").pop()
+    })
+    .await;
+    assert_eq!(finished["counts"]["complete"], 20, "{finished}");
+    assert_eq!(finished["counts"]["failed"], 0, "{finished}");
+    // Several more passes in which a duplicate could appear.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(accepted(&received, "finished", "b-re").len(), 1);
+    assert_eq!(
+        accepted(&received, "finished_with_failures", "b-re").len(),
+        1
+    );
+    let client = db.client().await;
+    assert_eq!(alerts_raised(&client, "finished").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_does_not_announce_batches_that_finished_before_its_retention() {
+    let db = TestDb::new("serve_old_finish").await;
+    let (hook, received) = start_receiver(First::Accept).await;
+    assert_eq!(run_batch(&db, "b-old", "q", 10, "select 1").await, 0);
+    assert_eq!(run_batch(&db, "b-new", "q", 10, "select 1").await, 0);
+    // b-old finished three days ago, long before the 24 h retention; serve never ran since.
+    let client = db.client().await;
+    client
+        .execute(
+            "update tally.batch
+                set created_at = now() - interval '3 days',
+                    ready_at = now() - interval '3 days',
+                    started_at = now() - interval '3 days',
+                    updated_at = now() - interval '3 days'
+              where name = 'b-old'",
+            &[],
+        )
+        .await
+        .expect("backdate b-old");
+    let _serve = start_serve(&db.url, &replica_args(&hook, &[]));
+    poll_until(
+        "the finished alert of b-new",
+        Duration::from_secs(30),
+        || async { accepted(&received, "finished", "b-new").pop() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = received.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "only the recent finish is announced: {log:?}");
+    assert_eq!(alerts_raised(&client, "finished").await, 1);
+    let seen = query_i64(
+        &client,
+        "select count(*) from tally.batch_progress p join tally.batch b on b.id = p.batch_id
+          where b.name = 'b-old' and p.finished",
+        &[],
+    )
+    .await;
+    assert_eq!(seen, 1, "b-old is recorded as seen and finished");
+}

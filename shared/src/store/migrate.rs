@@ -21,6 +21,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             "/../sql/migrations/0002_alerts.sql"
         )),
     ),
+    (
+        3,
+        "0003_progress_failed",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0003_progress_failed.sql"
+        )),
+    ),
 ];
 
 pub(super) fn latest_version() -> i32 {

@@ -183,6 +183,9 @@ pub struct AlertTargets {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Tracked {
     done: i64,
+    /// Failed as last seen: with `done`, tells a batch that finished anew (retry-failed, and
+    /// every retried record done before the next pass) from one that stayed finished.
+    failed: i64,
     finished: bool,
     finish_episode: i32,
     stalled: bool,
@@ -192,9 +195,14 @@ struct Tracked {
 }
 
 /// The tracked row after this observation, whether the progress clock restarts, and the
-/// events raised. Pure, so that the rules can be read and tested on their own.
+/// events raised. `quiet_long`: the batch's own last change is older than the finished
+/// retention, so a batch first seen already finished finished long ago and is taken as seen
+/// without an alert (a first `serve` on a database used for months announces nothing old).
+/// Pure, so that the rules can be read and tested on their own.
+#[allow(clippy::too_many_arguments)]
 fn step(
     seen: bool,
+    quiet_long: bool,
     old: Tracked,
     stored: &str,
     paused_reason: Option<&str>,
@@ -205,11 +213,17 @@ fn step(
     let mut new = old;
     let mut events = Vec::new();
     new.done = counts.done();
+    new.failed = counts.failed;
     // The progress clock runs only while the batch is claimable and has work: a paused batch
     // is not stalled, and one resumed after a long pause gets a full stall time again.
     let mut restart_clock = !seen || new.done != old.done || stored != "ready";
     let finished = stored != "preparing" && counts.is_settled();
-    if finished && !old.finished {
+    // Finished with other counts than when last seen finished: it was given work again
+    // (retry-failed) and finished anew between two passes.
+    let finished_anew = old.finished && (new.done != old.done || new.failed != old.failed);
+    if finished && !seen && quiet_long {
+        new.finished = true;
+    } else if finished && (!old.finished || finished_anew) {
         new.finished = true;
         new.finish_episode += 1;
         if stored != "cancelled" {
@@ -310,6 +324,9 @@ impl Store {
         let ctx = "observing batch progress";
         let db = |e| StoreError::db(ctx, e);
         let tx = client.transaction().await.map_err(db)?;
+        tx.batch_execute(sql!("serve_observe_timeouts"))
+            .await
+            .map_err(db)?;
         let locked: bool = tx
             .query_one(sql!("serve_observe_lock"), &[])
             .await
@@ -343,12 +360,14 @@ impl Store {
                 stall_episode: r.get(16),
                 limit_paused: r.get(17),
                 limit_episode: r.get(18),
+                failed: r.get(20),
             };
             let stored: String = r.get(3);
             let paused_reason: Option<String> = r.get(4);
             let unchanged_s: f64 = r.get(19);
             let (new, restart_clock, kinds) = step(
                 seen,
+                r.get(21),
                 old,
                 &stored,
                 paused_reason.as_deref(),
@@ -371,6 +390,7 @@ impl Store {
                     &new.stall_episode,
                     &new.limit_paused,
                     &new.limit_episode,
+                    &new.failed,
                 ],
             )
             .await
@@ -497,16 +517,91 @@ mod tests {
     #[test]
     fn a_batch_finishes_once_and_again_after_a_retry() {
         let old = Tracked::default();
-        let (t, _, ev) = step(true, old, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
+        let (t, _, ev) = step(
+            true,
+            false,
+            old,
+            "ready",
+            None,
+            &counts(0, 10, 0),
+            0.0,
+            60.0,
+        );
         assert_eq!(ev, vec![EventKind::Finished]);
-        let (t2, _, ev) = step(true, t, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
+        let (t2, _, ev) = step(true, false, t, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
         assert!(ev.is_empty(), "no second alert for the same finish");
         assert_eq!(t2, t);
-        let (t3, restart, ev) = step(true, t2, "ready", None, &counts(2, 8, 0), 0.0, 60.0);
+        let (t3, restart, ev) = step(true, false, t2, "ready", None, &counts(2, 8, 0), 0.0, 60.0);
         assert!(ev.is_empty() && restart && !t3.finished);
-        let (t4, _, ev) = step(true, t3, "ready", None, &counts(0, 8, 2), 0.0, 60.0);
+        let (t4, _, ev) = step(true, false, t3, "ready", None, &counts(0, 8, 2), 0.0, 60.0);
         assert_eq!(ev, vec![EventKind::FinishedWithFailures]);
         assert_eq!(t4.finish_episode, 2);
+    }
+
+    #[test]
+    fn a_retry_finished_within_one_pass_is_a_new_finish() {
+        let (t, _, ev) = step(
+            true,
+            false,
+            Tracked::default(),
+            "ready",
+            None,
+            &counts(0, 8, 2),
+            0.0,
+            60.0,
+        );
+        assert_eq!(ev, vec![EventKind::FinishedWithFailures]);
+        // retry-failed, and both retried records complete before the next pass: `done` is
+        // the same, the batch never looked unfinished, yet it finished anew.
+        let (t2, _, ev) = step(true, false, t, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
+        assert_eq!(ev, vec![EventKind::Finished]);
+        assert_eq!(t2.finish_episode, t.finish_episode + 1);
+        let (t3, _, ev) = step(true, false, t2, "ready", None, &counts(0, 10, 0), 0.0, 60.0);
+        assert!(ev.is_empty() && t3 == t2, "still the same finish");
+    }
+
+    #[test]
+    fn a_batch_first_seen_long_after_it_finished_is_not_announced() {
+        let c = counts(0, 10, 0);
+        let (t, _, ev) = step(
+            false,
+            true,
+            Tracked::default(),
+            "ready",
+            None,
+            &c,
+            0.0,
+            60.0,
+        );
+        assert!(ev.is_empty() && t.finished);
+        let (_, _, ev) = step(true, true, t, "ready", None, &c, 0.0, 60.0);
+        assert!(ev.is_empty(), "and not on the next pass either");
+        let (_, _, ev) = step(
+            false,
+            false,
+            Tracked::default(),
+            "ready",
+            None,
+            &c,
+            0.0,
+            60.0,
+        );
+        assert_eq!(
+            ev,
+            vec![EventKind::Finished],
+            "a recent finish is announced"
+        );
+        let (_, _, ev) = step(
+            false,
+            true,
+            Tracked::default(),
+            "ready",
+            None,
+            &counts(3, 7, 0),
+            0.0,
+            60.0,
+        );
+        assert!(ev.is_empty());
     }
 
     #[test]
@@ -516,15 +611,24 @@ mod tests {
             ..Tracked::default()
         };
         let c = counts(5, 5, 0);
-        let (_, _, ev) = step(true, old, "ready", None, &c, 59.0, 60.0);
+        let (_, _, ev) = step(true, false, old, "ready", None, &c, 59.0, 60.0);
         assert!(ev.is_empty());
-        let (t, _, ev) = step(true, old, "ready", None, &c, 61.0, 60.0);
+        let (t, _, ev) = step(true, false, old, "ready", None, &c, 61.0, 60.0);
         assert_eq!(ev, vec![EventKind::Stalled]);
-        let (t, _, ev) = step(true, t, "ready", None, &c, 120.0, 60.0);
+        let (t, _, ev) = step(true, false, t, "ready", None, &c, 120.0, 60.0);
         assert!(ev.is_empty(), "one alert per stall");
-        let (t, restart, ev) = step(true, t, "ready", None, &counts(4, 6, 0), 120.0, 60.0);
+        let (t, restart, ev) = step(true, false, t, "ready", None, &counts(4, 6, 0), 120.0, 60.0);
         assert!(ev.is_empty() && restart && !t.stalled);
-        let (_, restart, ev) = step(true, t, "paused", None, &counts(4, 6, 0), 500.0, 60.0);
+        let (_, restart, ev) = step(
+            true,
+            false,
+            t,
+            "paused",
+            None,
+            &counts(4, 6, 0),
+            500.0,
+            60.0,
+        );
         assert!(ev.is_empty() && restart, "a paused batch is not stalled");
     }
 
@@ -532,11 +636,29 @@ mod tests {
     fn the_failure_limit_is_reported_once_and_cancel_is_silent() {
         let reason = Some("too many failures: 3 failed records, 2 tolerated");
         let c = counts(5, 2, 3);
-        let (t, _, ev) = step(true, Tracked::default(), "paused", reason, &c, 0.0, 60.0);
+        let (t, _, ev) = step(
+            true,
+            false,
+            Tracked::default(),
+            "paused",
+            reason,
+            &c,
+            0.0,
+            60.0,
+        );
         assert_eq!(ev, vec![EventKind::FailureLimit]);
-        let (_, _, ev) = step(true, t, "paused", reason, &c, 0.0, 60.0);
+        let (_, _, ev) = step(true, false, t, "paused", reason, &c, 0.0, 60.0);
         assert!(ev.is_empty());
-        let (_, _, ev) = step(true, t, "cancelled", None, &counts(0, 2, 3), 0.0, 60.0);
+        let (_, _, ev) = step(
+            true,
+            false,
+            t,
+            "cancelled",
+            None,
+            &counts(0, 2, 3),
+            0.0,
+            60.0,
+        );
         assert!(
             ev.is_empty(),
             "cancelling is an operator's act, not an alert"

@@ -52,6 +52,19 @@ fn failure_of(err: &tokio_postgres::Error) -> StatementFailure {
     }
 }
 
+/// The statement itself is wrong: syntax or access (class 42), data (22) or an unsupported
+/// feature (0A). Anything else (no SQLSTATE: the connection broke) is the database's.
+fn is_statement_error(err: &tokio_postgres::Error) -> bool {
+    err.code().is_some_and(|c| is_statement_sqlstate(c.code()))
+}
+
+/// SQLSTATE classes that blame the statement: 42, 22 and 0A.
+fn is_statement_sqlstate(code: &str) -> bool {
+    ["42", "22", "0A"]
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
 impl Store {
     /// Checks that `statement` parses with `$1` text, `$2` jsonb, `$3` text, before any record
     /// is claimed.
@@ -62,10 +75,15 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(|e| {
-                StoreError::Invalid(format!(
-                    "the --sql statement is invalid: {}",
-                    describe_pg_error(&e)
-                ))
+                if is_statement_error(&e) {
+                    StoreError::Invalid(format!(
+                        "the --sql statement is invalid: {}",
+                        describe_pg_error(&e)
+                    ))
+                } else {
+                    // A lost connection or a timeout says nothing about the statement.
+                    StoreError::db("checking the --sql statement", e)
+                }
             })?;
         client.done().await
     }
@@ -244,4 +262,21 @@ async fn slow_path(
             .map(|r| r.id)
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_of_the_statement_make_it_invalid() {
+        // syntax error, undefined column, invalid text representation, unsupported feature
+        for code in ["42601", "42703", "22P02", "0A000"] {
+            assert!(is_statement_sqlstate(code), "{code}");
+        }
+        // statement timeout, admin shutdown, connection failure, out of memory
+        for code in ["57014", "57P01", "08006", "53200"] {
+            assert!(!is_statement_sqlstate(code), "{code}");
+        }
+    }
 }
