@@ -489,3 +489,92 @@ async fn a_renewal_that_finds_the_lease_rescued_cancels_the_handler() {
         ("complete".into(), 2, None)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Outcomes PostgreSQL could not store as given
+// ---------------------------------------------------------------------------------------------
+
+/// Fails records by their `mode`: a message with NUL bytes, a retry asked for `Duration::MAX`
+/// from now, a 100 KB message; completes the rest.
+struct Unstorable;
+
+#[async_trait::async_trait]
+impl Handler for Unstorable {
+    async fn handle(
+        &self,
+        _ctx: &RecordContext,
+        payload: &serde_json::Value,
+    ) -> Result<(), HandlerError> {
+        match payload.get("mode").and_then(|m| m.as_str()) {
+            Some("nul") => Err(HandlerError::permanent("bad\0byte")),
+            Some("forever") => Err(HandlerError::retry_after("later", Duration::MAX)),
+            Some("long") => Err(HandlerError::permanent("x".repeat(100_000))),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_postgresql_would_refuse_are_cleaned_and_do_not_stall_the_worker() {
+    let db = TestDb::new("unstorable").await;
+    let store = db.store().await;
+    let client = db.client().await;
+    let mut records = vec![
+        json!({"id": "nul", "mode": "nul"}),
+        json!({"id": "forever", "mode": "forever"}),
+        json!({"id": "long", "mode": "long"}),
+    ];
+    records.extend((0..50).map(|i| json!({"id": format!("ok{i}")})));
+    prepare(&store, &spec("unstorable-1", "unstorable"), &records).await;
+    let worker = Worker::builder(store.clone(), "unstorable")
+        .handler(Unstorable)
+        .poll_interval(Duration::from_millis(100))
+        .build()
+        .expect("valid configuration");
+    let (shutdown, task) = spawn_worker(worker);
+    // Everything is written back; the huge retry waits as pending.
+    let counts = poll_until(
+        "every outcome to be written",
+        Duration::from_secs(30),
+        || async {
+            let c = counts_by_state(&client, "unstorable-1").await;
+            (c.running == 0 && c.complete + c.failed + c.pending == 53 && c.pending == 1)
+                .then_some(c)
+        },
+    )
+    .await;
+    let summary = stop(shutdown, task).await;
+    assert_eq!((counts.complete, counts.failed), (50, 2), "{counts:?}");
+    assert_eq!(summary.completed, 50, "{summary:?}");
+
+    let (state, _, error) = record(&client, "unstorable-1", "nul").await;
+    assert_eq!(state, "failed");
+    assert_eq!(error.as_deref(), Some("bad\u{FFFD}byte"));
+
+    let (state, _, error) = record(&client, "unstorable-1", "long").await;
+    assert_eq!(state, "failed");
+    let error = error.unwrap_or_default();
+    assert!(
+        error.len() <= tally::handler::MAX_ERROR_MESSAGE_BYTES && error.starts_with("xxx"),
+        "{} bytes",
+        error.len()
+    );
+
+    // Due within the 24 h cap (and not much sooner).
+    let (state, attempt, _) = record(&client, "unstorable-1", "forever").await;
+    assert_eq!((state.as_str(), attempt), ("pending", 1));
+    let due_in_s = client
+        .query_one(
+            "select extract(epoch from available_at - now())::float8 from tally.record \
+              where record_id = 'forever'",
+            &[],
+        )
+        .await
+        .expect("available_at")
+        .get::<_, f64>(0);
+    let cap = tally::handler::MAX_RETRY_AFTER.as_secs_f64();
+    assert!(
+        due_in_s <= cap && due_in_s > cap - 120.0,
+        "due in {due_in_s} s"
+    );
+}

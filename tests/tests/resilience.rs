@@ -1,8 +1,10 @@
 //! A poison record and a handler slower than its lease, with real worker processes.
 
+use std::time::Duration;
 use tally_tests::{
-    assert_counts_exact, assert_sink_exactly_once, coordinator, create_sink, jsonl_ids,
-    prepare_stdin, query_i64, TestDb, WorkerCmd,
+    admin_url, assert_counts_exact, assert_sink_exactly_once, connect, coordinator, create_sink,
+    jsonl_ids, lease_rows, poll_until, prepare_stdin, query_i64, terminate_backends, TestDb,
+    WorkerCmd,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,4 +139,94 @@ async fn a_second_signal_stops_a_draining_worker_at_once() {
         query_i64(&client, "select count(*) from sink", &[]).await,
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_stopping_worker_could_not_release_are_rescued_later() {
+    let db = TestDb::new("unreleased").await;
+    let client = db.client().await;
+    let admin = connect(&admin_url()).await;
+    create_sink(&client, "sink").await;
+    prepare_stdin(&db.url, "b", "q", &jsonl_ids(5), &[]);
+    // One claim (one lease) of five rows; one runs at a time, the others wait for a slot.
+    let first_url = format!("{}?application_name=first-worker", db.url);
+    let mut first = WorkerCmd::sql(
+        &first_url,
+        "q",
+        "insert into sink select $1 from pg_sleep(1)",
+    )
+    .args(&[
+        "--concurrency",
+        "1",
+        "--sql-chunk",
+        "1",
+        "--claim-size",
+        "5",
+    ])
+    .args(&[
+        "--lease",
+        "3s",
+        "--rescue-interval",
+        "1h",
+        "--grace-period",
+        "20s",
+    ])
+    .poll("100ms")
+    .start();
+    poll_until(
+        "the worker to claim all rows",
+        Duration::from_secs(10),
+        || async {
+            let running = query_i64(
+                &client,
+                "select count(*) from tally.record where state = 'running'",
+                &[],
+            )
+            .await;
+            (running == 5).then_some(())
+        },
+    )
+    .await;
+
+    // An outage: the worker's sessions end and it cannot connect again. Stopped now, it
+    // cannot give back the four rows it never started.
+    let database = db.name.as_str();
+    admin
+        .batch_execute(&format!(
+            "alter database \"{database}\" allow_connections false"
+        ))
+        .await
+        .expect("refuse connections");
+    assert!(terminate_backends(&client, "first-worker").await > 0);
+    first.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    admin
+        .batch_execute(&format!(
+            "alter database \"{database}\" allow_connections true"
+        ))
+        .await
+        .expect("accept connections");
+    // The record that was running is retried once the database is back, and written.
+    let status = first
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the worker drains and exits");
+    assert!(status.success(), "{status}");
+    let running = query_i64(
+        &client,
+        "select count(*) from tally.record where state = 'running'",
+        &[],
+    )
+    .await;
+    assert_eq!(running, 4, "the unreleased rows are still running");
+    // Their lease was kept, so that it expires and the rescue finds them.
+    assert_eq!(lease_rows(&client).await, Some(1));
+
+    let _second = WorkerCmd::sql(&db.url, "q", "insert into sink select $1")
+        .args(&["--rescue-interval", "200ms"])
+        .poll("100ms")
+        .start();
+    let (code, out, err) = coordinator(&db.url, &["wait", "b", "--timeout", "30s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_sink_exactly_once(&client, "sink", 5).await;
 }

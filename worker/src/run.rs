@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally::backoff::full_jitter;
+use tally::handler::{storable_message, MAX_RETRY_AFTER};
 use tally::metrics::{FailReason, WorkerMetrics};
 use tally::{
     BreakerGate, ClaimableBatch, ClaimedRecord, HandlerError, Outcome, RecordContext, RecordState,
@@ -83,8 +84,12 @@ struct InFlight {
     rows: HashMap<(i64, i32), i64>,
     /// Lease id -> rows of it still in flight.
     leases: HashMap<i64, usize>,
-    /// Leases whose rows are all written back, to delete.
+    /// Leases whose rows are all settled (written, refused by the fence, or released), to
+    /// delete.
     finished_leases: Vec<i64>,
+    /// Leases with a row given up unsettled (still `running` in the database): never deleted,
+    /// so that they expire and the rescue (which finds rows through their lease) returns them.
+    abandoned_leases: HashSet<i64>,
     /// Lease id -> token given to its records' handlers: fires when the lease is lost.
     lease_cancel: HashMap<i64, CancellationToken>,
     /// (row id, attempt) of failures that used up the last attempt, for the metric's reason.
@@ -210,8 +215,10 @@ impl Shared {
         }
     }
 
-    /// Done with these claimed rows (by id and attempt): frees their room.
-    fn forget(&self, rows: impl IntoIterator<Item = (i64, i32)>) {
+    /// Done with these claimed rows (by id and attempt): frees their room. `settled` says
+    /// whether the database no longer has them running under their lease (written, refused
+    /// by the fence, or released); a lease is deleted only once all its rows were settled.
+    fn forget(&self, rows: impl IntoIterator<Item = (i64, i32)>, settled: bool) {
         let mut n = 0;
         if let Ok(mut f) = self.in_flight.lock() {
             for row in rows {
@@ -220,12 +227,18 @@ impl Shared {
                 let Some(lease) = f.rows.remove(&row) else {
                     continue;
                 };
+                if !settled {
+                    f.abandoned_leases.insert(lease);
+                }
                 if let Some(left) = f.leases.get_mut(&lease) {
                     *left -= 1;
                     if *left == 0 {
                         f.leases.remove(&lease);
                         f.lease_cancel.remove(&lease);
-                        f.finished_leases.push(lease);
+                        // An abandoned lease is neither renewed nor deleted: it expires.
+                        if !f.abandoned_leases.remove(&lease) {
+                            f.finished_leases.push(lease);
+                        }
                     }
                 }
             }
@@ -567,16 +580,24 @@ async fn claim_round(
         if records.is_empty() {
             continue;
         }
-        if started.insert(batch.id) {
-            shared.store.mark_started(batch.id).await?;
-        }
         total += records.len();
         // Room was checked above and only this loop takes it: this cannot wait.
         if let Ok(permit) = shared.room.try_acquire_many(records.len() as u32) {
             permit.forget();
         }
         shared.track(&records);
+        let batch_id = batch.id;
         dispatch(shared, processor, Arc::new(batch), records, outcomes);
+        // After the rows are tracked and dispatched: a failure here must not strand them.
+        if started.insert(batch_id) {
+            if let Err(e) = shared.store.mark_started(batch_id).await {
+                tracing::warn!(
+                    batch_id,
+                    "recording the batch's start failed ({e}); trying again on its next claim"
+                );
+                started.remove(&batch_id);
+            }
+        }
     }
     Ok(total)
 }
@@ -684,15 +705,17 @@ async fn start_or_release(
         }
     }
     let held: Vec<(i64, i32)> = records.iter().map(|r| (r.id, r.attempt)).collect();
-    match shared.store.release(&held, &shared.config.worker_id).await {
+    let released = match shared.store.release(&held, &shared.config.worker_id).await {
         Ok(n) => {
             shared.metrics.released.inc_by(n);
+            true
         }
         Err(e) => {
-            tracing::warn!("could not release unstarted rows ({e}); their leases will expire")
+            tracing::warn!("could not release unstarted rows ({e}); their leases will expire");
+            false
         }
-    }
-    shared.forget(held.iter().copied());
+    };
+    shared.forget(held.iter().copied(), released);
     None
 }
 
@@ -734,8 +757,10 @@ fn failure_outcome(batch: &ClaimableBatch, record: &ClaimedRecord, error: Handle
         batch_id: record.batch_id,
         attempt: record.attempt,
         state,
-        error: Some(message),
-        retry_in,
+        // PostgreSQL refuses NUL in text and `now() + delay` past its timestamp range: either
+        // would make the write fail, again and again.
+        error: Some(storable_message(&message)),
+        retry_in: retry_in.min(MAX_RETRY_AFTER),
     }
 }
 
@@ -819,7 +844,7 @@ async fn run_sql_chunk(
     let mut delay = ERROR_BACKOFF_MIN;
     let mut retrying = false;
     let started = Instant::now();
-    loop {
+    let written = loop {
         let result = shared
             .store
             .run_transactional(&batch.name, chunk, owner, statement, |record, failure| {
@@ -857,7 +882,7 @@ async fn run_sql_chunk(
                 shared.note_retries(retried.iter().copied());
                 let retried = retried.len();
                 report_to_breaker(shared, result.completed, retried as u64).await;
-                break;
+                break true;
             }
             // The transaction did not commit: the rows are still ours until the lease ends.
             Err(e) if !shared.hard.is_cancelled() => {
@@ -866,10 +891,10 @@ async fn run_sql_chunk(
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(ERROR_BACKOFF_MAX);
             }
-            Err(_) => break,
+            Err(_) => break false,
         }
-    }
-    shared.forget(chunk.iter().map(|r| (r.id, r.attempt)));
+    };
+    shared.forget(chunk.iter().map(|r| (r.id, r.attempt)), written);
 }
 
 /// Pauses batches whose failures passed their limit, so a poisoned batch stops burning work.
@@ -942,7 +967,18 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
         let mut delay = ERROR_BACKOFF_MIN;
         let mut retrying = false;
         let written = loop {
-            match shared.store.finish(&buffer, &owner).await {
+            let result = match shared.store.finish(&buffer, &owner).await {
+                // One outcome PostgreSQL refuses must not hold up the others for good.
+                Err(e) if is_data_error(&e) => {
+                    tracing::warn!(
+                        "recording {} outcomes failed ({e}); writing them one by one",
+                        buffer.len()
+                    );
+                    finish_each(&shared, &mut buffer, &owner).await
+                }
+                result => result,
+            };
+            match result {
                 Ok(written) => break Some(written),
                 Err(e) if !shared.hard.is_cancelled() => {
                     retrying = true;
@@ -953,6 +989,7 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
                 Err(_) => break None,
             }
         };
+        let settled = written.is_some();
         if let Some(written) = written {
             let written: HashSet<i64> = written.into_iter().collect();
             let mut lost = Vec::new();
@@ -998,8 +1035,56 @@ async fn complete_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Outc
             )
             .await;
         }
-        shared.forget(buffer.drain(..).map(|o| (o.id, o.attempt)));
+        shared.forget(buffer.drain(..).map(|o| (o.id, o.attempt)), settled);
     }
+}
+
+/// A data exception (SQLSTATE class 22): the statement fails the same way however often it is
+/// retried.
+fn is_data_error(e: &tally::StoreError) -> bool {
+    e.sqlstate().is_some_and(|code| code.starts_with("22"))
+}
+
+/// Writes outcomes one at a time; one PostgreSQL refuses as data is replaced (in `buffer`) by
+/// a permanent failure saying why, and written so. Other errors end the pass: the caller
+/// retries the buffer.
+async fn finish_each(
+    shared: &Shared,
+    buffer: &mut [Outcome],
+    owner: &str,
+) -> Result<Vec<i64>, tally::StoreError> {
+    let mut written = Vec::new();
+    for outcome in buffer.iter_mut() {
+        match shared
+            .store
+            .finish(std::slice::from_ref(outcome), owner)
+            .await
+        {
+            Ok(w) => written.extend(w),
+            Err(e) if is_data_error(&e) => {
+                tracing::warn!(
+                    id = outcome.id,
+                    "PostgreSQL refused the outcome of a record ({e}); failing the record"
+                );
+                *outcome = Outcome {
+                    state: RecordState::Failed,
+                    error: Some(storable_message(&format!(
+                        "the record's outcome could not be stored: {e}"
+                    ))),
+                    retry_in: Duration::ZERO,
+                    ..outcome.clone()
+                };
+                written.extend(
+                    shared
+                        .store
+                        .finish(std::slice::from_ref(outcome), owner)
+                        .await?,
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
 }
 
 /// Keeps the leases of rows still being processed, in one statement per pass, and deletes
@@ -1147,6 +1232,14 @@ mod tests {
             .error
             .unwrap_or_default()
             .contains("attempts exhausted: 5 of 5"));
+    }
+
+    #[test]
+    fn outcomes_are_made_storable() {
+        let error = HandlerError::retry_after("a\0b", Duration::MAX);
+        let o = failure_outcome(&batch(5), &record(1), error);
+        assert_eq!(o.retry_in, MAX_RETRY_AFTER);
+        assert_eq!(o.error.as_deref(), Some("a\u{FFFD}b"));
     }
 
     #[test]
