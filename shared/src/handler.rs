@@ -49,11 +49,13 @@ pub struct RecordContext {
     /// systems so that a redelivery after a crash is recognised there.
     pub idempotency_key: String,
     /// Fires when this record's outcome can no longer be recorded, so that further work on it
-    /// is wasted: the worker stops hard (second signal, or the grace period ran out), or it
+    /// is wasted: the grace period after a stop signal ran out, or the worker
     /// learned that its lease on the record was lost (a renewal found the lease rescued by
     /// another worker, or the fence refused an outcome of the same claim). A handler doing
     /// long work should watch it (`tokio::select!` on [`CancellationToken::cancelled`]) and
-    /// return; whatever it returns then is discarded.
+    /// return; whatever it returns then is discarded. A second stop signal does not fire it:
+    /// the process exits at once, no handler code runs any more (the exec handler's commands
+    /// are killed on the way out), and the leased records are rescued as after a crash.
     pub cancel: CancellationToken,
 }
 
@@ -76,6 +78,7 @@ pub enum HandlerError {
         /// What went wrong, for `last_error`.
         message: String,
         /// Ask for this delay instead of the batch's backoff (e.g. an HTTP Retry-After).
+        /// Delays longer than [`MAX_RETRY_AFTER`] (24 h) are cut to it.
         retry_after: Option<Duration>,
     },
     /// A failure no retry can fix (invalid data, HTTP 4xx): the record fails at once.
@@ -84,6 +87,34 @@ pub enum HandlerError {
         /// What went wrong, for `last_error`.
         message: String,
     },
+}
+
+/// The longest retry delay a handler can ask for: a longer [`HandlerError::Retryable`]
+/// `retry_after` is cut to this, so that the row's `available_at` stays a valid timestamp.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The longest error message stored as a record's `last_error`, in bytes; longer ones are cut.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// A handler's (or panic's) message made storable as `last_error`: PostgreSQL text cannot hold
+/// NUL, so each becomes U+FFFD, and the message is cut to [`MAX_ERROR_MESSAGE_BYTES`] on a
+/// character boundary (with a marker saying so).
+pub fn storable_message(message: &str) -> String {
+    const CUT: &str = " [...]";
+    let mut clean = if message.contains('\0') {
+        message.replace('\0', "\u{FFFD}")
+    } else {
+        message.to_string()
+    };
+    if clean.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut end = MAX_ERROR_MESSAGE_BYTES - CUT.len();
+        while !clean.is_char_boundary(end) {
+            end -= 1;
+        }
+        clean.truncate(end);
+        clean.push_str(CUT);
+    }
+    clean
 }
 
 impl HandlerError {
@@ -123,8 +154,9 @@ impl HandlerError {
 ///
 /// Return `Ok(())` when the record's work is done, [`HandlerError::retryable`] (or
 /// [`HandlerError::retry_after`]) when it may succeed later, and [`HandlerError::permanent`]
-/// when it never will. A handler should not panic on bad data: a panic abandons the record
-/// until its lease expires.
+/// when it never will. A handler should not panic on bad data: a panic is recorded as a
+/// retryable failure of the attempt (its message in `last_error`), so the record is tried again
+/// until its attempts run out.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Does the work for one record; `payload` is the record as prepared (a JSON object).
@@ -133,4 +165,21 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &RecordContext,
         payload: &serde_json::Value,
     ) -> Result<(), HandlerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_messages_hold_no_nul_and_stay_within_the_cap() {
+        assert_eq!(storable_message("a\0b"), "a\u{FFFD}b");
+        assert_eq!(storable_message("short"), "short");
+        // Multi-byte characters across the cut: it falls on a character boundary.
+        let long = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
+        let cut = storable_message(&long);
+        assert!(cut.len() <= MAX_ERROR_MESSAGE_BYTES, "{}", cut.len());
+        assert!(cut.ends_with(" [...]"));
+        assert!(cut.starts_with("éé"));
+    }
 }

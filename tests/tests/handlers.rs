@@ -700,7 +700,7 @@ async fn bad_handler_configuration_exits_64_with_every_problem() {
     let with = |more: &[&'static str]| -> Vec<&'static str> {
         q.iter().copied().chain(more.iter().copied()).collect()
     };
-    let cases: [(&[&'static str], &[&str]); 9] = [
+    let cases: [(&[&'static str], &[&str]); 11] = [
         (
             &["--handler", "http", "--url", "http://api.test/x/{id"],
             &["unbalanced '{'"],
@@ -765,6 +765,17 @@ async fn bad_handler_configuration_exits_64_with_every_problem() {
             ],
             &["--max-body", "not a size"],
         ),
+        (
+            &["--handler", "noop", "--sql", "select 1", "--sql-chunk", "5"],
+            &[
+                "--sql is only used by --handler sql",
+                "--sql-chunk is only used by --handler sql",
+            ],
+        ),
+        (
+            &["--handler", "exec", "--command", "cat", "--sql-chunk", "10"],
+            &["--sql-chunk is only used by --handler sql"],
+        ),
     ];
     for (args, expected) in cases {
         refused(&with(args), expected).await;
@@ -808,6 +819,133 @@ async fn exec_commands_are_killed_when_the_grace_period_ends() {
         )
         .await;
     }
+}
+
+/// Starts an exec worker on one `hang` record and returns it with the pids of the command
+/// (`sh`, the worker's direct child) and of the `sleep` it started.
+async fn worker_with_a_hanging_command(
+    db: &TestDb,
+    dir: &TempDir,
+    extra: &[&str],
+) -> (ChildGuard, Vec<i32>) {
+    let out_dir = dir.0.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let script = dir.0.join("handle.sh");
+    std::fs::write(&script, EXEC_SCRIPT).unwrap();
+    prepare(db, dir, "b", &[json!({"id": "hang"})], &[]).await;
+    let worker = exec_worker(db, &out_dir, &script, extra);
+    let pids_file = out_dir.join("hang.1.pids");
+    let pids = poll_until("the command to start", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&pids_file)
+            .ok()
+            .filter(|p| p.ends_with('\n'))
+    })
+    .await;
+    let pids = pids
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    (worker, pids)
+}
+
+async fn wait_gone(pid: i32) {
+    poll_until(
+        &format!("process {pid} to be gone"),
+        Duration::from_secs(5),
+        || async { process_gone(pid).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_commands_are_killed_on_a_second_signal() {
+    let db = TestDb::new("exec_second_signal").await;
+    let dir = TempDir::new("exec-second-signal");
+    let (mut worker, pids) =
+        worker_with_a_hanging_command(&db, &dir, &["--timeout", "60s", "--grace-period", "60s"])
+            .await;
+    worker.signal(libc::SIGTERM);
+    // Two signals close together may be delivered as one: let the first one drain.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.assert_running();
+    worker.signal(libc::SIGTERM);
+    let status = worker
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the worker exits at the second signal");
+    assert_eq!(status.code(), Some(130), "{status}");
+    // The whole group: the command and the child it started.
+    for pid in pids {
+        wait_gone(pid).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_command_dies_with_a_killed_worker() {
+    let db = TestDb::new("exec_worker_killed").await;
+    let dir = TempDir::new("exec-worker-killed");
+    let (mut worker, pids) = worker_with_a_hanging_command(&db, &dir, &["--timeout", "60s"]).await;
+    worker.kill();
+    // The command itself goes with the worker; a child it started is beyond the kernel's
+    // reach (it is cleaned up here).
+    wait_gone(pids[0]).await;
+    for pid in &pids[1..] {
+        // SAFETY: kill(2) on a pid this test's command started.
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_command_that_exits_completes_though_its_input_is_unread() {
+    let db = TestDb::new("exec_unread_stdin").await;
+    let dir = TempDir::new("exec-unread-stdin");
+    let out_dir = dir.0.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    // Far more than a pipe holds, to a background child that never reads it.
+    prepare(
+        &db,
+        &dir,
+        "b",
+        &[json!({"id": "big", "text": "x".repeat(200_000)})],
+        &[],
+    )
+    .await;
+    let out = out_dir.to_str().unwrap();
+    let _worker = WorkerCmd::new(&db.url, "q", "exec")
+        .args(&[
+            "--shell",
+            "--command",
+            // fd 3: sh points a background job's stdin at /dev/null, an explicit copy survives.
+            r#"exec 3<&0; sleep 60 <&3 & echo $! > "$OUT_DIR/bg.pid"; exit 0"#,
+            "--timeout",
+            "30s",
+        ])
+        .poll("200ms")
+        .env("OUT_DIR", out)
+        .start();
+    // Well before the timeout: the exit is not held up by the unread input.
+    let row = poll_until(
+        "the record to complete",
+        Duration::from_secs(15),
+        || async {
+            let rows = records(&db).await;
+            // Done, or retried (attempt 2 is pending or running).
+            rows.get("big")
+                .filter(|r| r.0 == "complete" || r.0 == "failed" || r.1 > 1)
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!((row.0.as_str(), row.1), ("complete", 1), "{row:?}");
+    let pid: i32 = std::fs::read_to_string(out_dir.join("bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The background child went with the command's group.
+    wait_gone(pid).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

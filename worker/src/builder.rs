@@ -1,7 +1,6 @@
 //! [`WorkerBuilder`]: configure a [`Worker`] in code, with every setting checked at once.
 
 use crate::{Health, Processor, Worker, WorkerConfig, WorkerError};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tally::metrics::WorkerMetrics;
@@ -258,11 +257,10 @@ impl WorkerBuilder {
             Some(Processor::Handler(_)) => {}
         }
         if let Database::Url(url) = &self.database {
-            // The parser's message names the problem, never the URL's password.
-            if let Err(e) = tokio_postgres::Config::from_str(url) {
-                problems.push(format!(
-                    "invalid database URL: {e} (expected postgres://user[:password]@host:port/database)"
-                ));
+            // Read as the store reads it (sslmode=verify-full, sslrootcert); the message names
+            // the problem, never the URL's password.
+            if let Err(e) = tally::store::ConnectOptions::validate_url(url) {
+                problems.push(e.to_string());
             }
         }
         if self.pool_size == Some(0) {
@@ -330,6 +328,28 @@ mod tests {
         assert!(!found[0].contains("s3cret"), "{found:?}");
         let debug = format!("{:?}", Database::from("postgres://u:s3cret@host/db"));
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn tls_settings_in_the_url_are_accepted() {
+        for url in [
+            "postgres://u:pw@db.example.com/app?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+            "postgres://u@db.example.com/app?sslmode=verify-ca",
+            "host=db.example.com user=u sslmode=verify-full sslrootcert=/etc/ca.pem",
+        ] {
+            let built = Worker::builder(url, "q").handler(NoopHandler).build();
+            assert!(
+                built.is_ok(),
+                "{url}: {:?}",
+                built.err().map(|e| e.to_string())
+            );
+        }
+        let found = problems(
+            Worker::builder("postgres://u:s3cret@h/db?sslmode=verify", "q").handler(NoopHandler),
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("sslmode \"verify\""), "{found:?}");
+        assert!(!found[0].contains("s3cret"), "{found:?}");
     }
 
     #[test]

@@ -71,9 +71,10 @@ pub struct Args {
     /// Most rows taken per claim.
     #[arg(long, env = "TALLY_CLAIM_SIZE", default_value_t = crate::DEFAULT_CLAIM_SIZE)]
     claim_size: usize,
-    /// Records per transaction of the sql handler.
-    #[arg(long, env = "TALLY_SQL_CHUNK", default_value_t = crate::DEFAULT_SQL_CHUNK)]
-    sql_chunk: usize,
+    /// Records per transaction of the sql handler [default: 100].
+    // No clap default: a value given to another handler must be seen, to be refused.
+    #[arg(long, env = "TALLY_SQL_CHUNK")]
+    sql_chunk: Option<usize>,
     /// Lease on claimed rows; renewed while they are processed.
     #[arg(long, env = "TALLY_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
     lease: Duration,
@@ -181,7 +182,7 @@ impl Args {
             (HandlerKind::Sql, Some(statement)) if !statement.trim().is_empty() => {
                 Some(Processor::Sql {
                     statement: statement.clone(),
-                    chunk_size: self.sql_chunk.max(1),
+                    chunk_size: self.sql_chunk.unwrap_or(crate::DEFAULT_SQL_CHUNK).max(1),
                 })
             }
             (HandlerKind::Sql, _) => {
@@ -190,6 +191,20 @@ impl Args {
             }
             _ => None,
         };
+        if !matches!(self.handler, HandlerKind::Sql) {
+            for (flag, given) in [
+                // An empty value (e.g. TALLY_SQL= passed through by compose) is no statement.
+                (
+                    "--sql",
+                    self.sql.as_deref().is_some_and(|s| !s.trim().is_empty()),
+                ),
+                ("--sql-chunk", self.sql_chunk.is_some()),
+            ] {
+                if given {
+                    problems.push(format!("{flag} is only used by --handler sql"));
+                }
+            }
+        }
         let handler = self
             .handler_flags
             .handler(self.handler)
@@ -414,4 +429,21 @@ fn parse_size(text: &str) -> Result<usize, String> {
         .parse()
         .map_err(|e| format!("{text:?} is not a size such as 64KiB or 1MiB: {e}"))?;
     usize::try_from(size.as_u64()).map_err(|_| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_documented_sql_chunk_default_is_the_real_one() {
+        let args = Args::try_parse_from(["worker", "--queue", "q", "--handler", "sql"]).unwrap();
+        assert_eq!(args.sql_chunk, None);
+        assert_eq!(
+            crate::DEFAULT_SQL_CHUNK,
+            100,
+            "update --sql-chunk's help text"
+        );
+    }
 }

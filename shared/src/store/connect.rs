@@ -164,6 +164,18 @@ impl ConnectOptions {
         }
     }
 
+    /// Checks `url` as [`super::Store::connect`] reads it (`sslmode` and `sslrootcert` taken
+    /// out first), without connecting or reading the CA file. The error names the problem,
+    /// never the URL's password.
+    pub fn validate_url(url: &str) -> Result<(), StoreError> {
+        let (rest, mode, _) = split_tls_params(url)?;
+        tokio_postgres::Config::from_str(&rest).map_err(|e| StoreError::BadUrl(e.to_string()))?;
+        if let Some(mode) = mode {
+            mode.parse::<SslMode>().map_err(StoreError::BadUrl)?;
+        }
+        Ok(())
+    }
+
     /// The URL from exactly one of `--database-url` and `--database-url-file`. The file holds
     /// the whole URL (surrounding whitespace ignored), as a mounted Secret does.
     pub fn resolve_url(url: Option<&str>, url_file: Option<&Path>) -> Result<String, StoreError> {
@@ -423,20 +435,25 @@ impl ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// A TLS failure said plainly, with what to do about it; `None` when `reason` is not one.
+/// A TLS failure that will happen again, said plainly with what to do about it; `None` when
+/// `reason` (the error with its causes) is not one. Only the certificate's rejection and a
+/// server without TLS (under sslmode=require or verify-*) are permanent: tokio-postgres
+/// reports any I/O error during the handshake as a TLS error too ("error performing TLS
+/// handshake: connection reset by peer" while the server restarts), and those pass.
 pub(super) fn describe_tls_failure(reason: &str, host: &str) -> Option<(String, &'static str)> {
-    let why = if reason.contains("UnknownIssuer") {
+    let rejected = reason.contains("invalid peer certificate");
+    let why = if rejected && reason.contains("UnknownIssuer") {
         (
             format!("certificate verification failed for host {host}: unknown issuer"),
             "pass --db-ca-file (TALLY_DB_CA_FILE) with the CA that signed the server's \
              certificate, or sslrootcert= in the URL",
         )
-    } else if reason.contains("NotValidForName") {
+    } else if rejected && reason.contains("NotValidForName") {
         (
             format!("certificate verification failed for host {host}: the certificate does not name this host"),
             "connect by a name the certificate lists, or use sslmode=verify-ca",
         )
-    } else if reason.contains("Expired") || reason.contains("NotValidYet") {
+    } else if rejected && (reason.contains("Expired") || reason.contains("NotValidYet")) {
         (
             format!("certificate verification failed for host {host}: the certificate is expired or not yet valid"),
             "renew the server's certificate (or check this machine's clock)",
@@ -446,7 +463,7 @@ pub(super) fn describe_tls_failure(reason: &str, host: &str) -> Option<(String, 
             format!("the server at {host} does not accept TLS"),
             "enable ssl on the server, or use sslmode=prefer or disable",
         )
-    } else if reason.contains("invalid peer certificate") || reason.contains("TLS") {
+    } else if rejected {
         (
             format!("TLS with host {host} failed: {reason}"),
             "check sslmode and --db-ca-file (TALLY_DB_CA_FILE)",
@@ -473,6 +490,36 @@ mod tests {
         let (rest, mode, _) = split_tls_params("host=h user=u sslmode=require").unwrap();
         assert_eq!(rest, "host=h user=u");
         assert_eq!(mode.as_deref(), Some("require"));
+    }
+
+    #[test]
+    fn only_rejected_certificates_and_servers_without_tls_are_permanent() {
+        let host = "db.example.com";
+        let permanent = [
+            "error performing TLS handshake: invalid peer certificate: UnknownIssuer",
+            "error performing TLS handshake: invalid peer certificate: NotValidForName",
+            "error performing TLS handshake: invalid peer certificate: Expired",
+            "error performing TLS handshake: invalid peer certificate: BadSignature",
+            "error performing TLS handshake: server does not support TLS",
+        ];
+        for reason in permanent {
+            assert!(describe_tls_failure(reason, host).is_some(), "{reason}");
+        }
+        let (msg, _) = describe_tls_failure(permanent[0], host).unwrap();
+        assert!(
+            msg.contains("unknown issuer") && msg.contains(host),
+            "{msg}"
+        );
+        // What a server restart looks like under sslmode=prefer: I/O inside the handshake.
+        let transient = [
+            "error performing TLS handshake: Connection reset by peer (os error 104)",
+            "error performing TLS handshake: unexpected end of file",
+            "error performing TLS handshake: Broken pipe (os error 32)",
+            "error connecting to server: Connection refused (os error 111)",
+        ];
+        for reason in transient {
+            assert!(describe_tls_failure(reason, host).is_none(), "{reason}");
+        }
     }
 
     #[test]

@@ -3,12 +3,16 @@
 //! Exit 0 completes the record, exit 75 (`EX_TEMPFAIL`) retries it, any other exit status or
 //! a signal fails it, with the status and the end of stderr in its `last_error`. The process
 //! runs in a process group of its own, which is killed as a whole on timeout, when the worker
-//! stops hard, and once the command has exited (so no stray child keeps running).
+//! stops hard (also on a second stop signal, through [`tally::shutdown::on_hard_exit`]), and
+//! once the command has exited (so no stray child keeps running). The command itself is also
+//! killed by the kernel when the worker dies (`PR_SET_PDEATHSIG`).
 
 use super::{tail_excerpt, ConfigError, DEFAULT_ERROR_EXCERPT_BYTES};
+use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Mutex, Once};
 use std::time::Duration;
 use tally::{Handler, HandlerError, RecordContext};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +32,11 @@ const CREDENTIAL_VARS: [&str; 4] = [
     "PGPASSWORD",
     "PGPASSFILE",
 ];
+
+/// Process groups of the commands running now, for [`kill_live_groups`]: a second stop signal
+/// exits the process without running destructors, so [`GroupKill`] alone cannot reach them.
+static LIVE_GROUPS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+static HARD_EXIT_HOOK: Once = Once::new();
 
 /// Settings of [`ExecHandler`].
 #[derive(Debug, Clone)]
@@ -100,6 +109,7 @@ impl ExecHandler {
             problems.push("--timeout must be above zero".to_string());
         }
         if problems.is_empty() {
+            HARD_EXIT_HOOK.call_once(|| tally::shutdown::on_hard_exit(kill_live_groups));
             Ok(ExecHandler { config })
         } else {
             Err(ConfigError(problems))
@@ -117,6 +127,24 @@ impl ExecHandler {
         // The worker's own database credentials are not the command's business.
         for name in CREDENTIAL_VARS {
             command.env_remove(name);
+        }
+        let worker_pid = std::process::id() as libc::pid_t;
+        // SAFETY: runs in the forked child before exec; prctl and getppid are
+        // async-signal-safe and touch no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                // The kernel kills the command when the worker dies, even by SIGKILL. (It
+                // watches the spawning thread: tokio's runtime threads live as long as the
+                // worker.)
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The worker died before prctl took effect: do not run orphaned.
+                if libc::getppid() != worker_pid {
+                    return Err(std::io::Error::other("the worker exited"));
+                }
+                Ok(())
+            });
         }
         let mut child = command
             .args(&self.config.args)
@@ -138,7 +166,7 @@ impl ExecHandler {
             ));
         };
         // Dropped when this future is (worker stopping hard) as well as on return.
-        let group = GroupKill(pid as i32);
+        let group = GroupKill::new(pid as i32);
         let stderr = child.stderr.take();
         let stderr_tail = tokio::spawn(read_tail(stderr, self.config.stderr_tail_bytes));
         let stdin = child.stdin.take();
@@ -149,8 +177,15 @@ impl ExecHandler {
             }
         };
         let waited = async {
-            let ((), status) = tokio::join!(feed, child.wait());
-            status
+            let wait = child.wait();
+            tokio::pin!(wait);
+            tokio::select! {
+                // Exited: the input is not waited for (a background child may hold the pipe
+                // without reading it); the writer is dropped with this block.
+                status = &mut wait => return status,
+                () = feed => {}
+            }
+            wait.await
         };
         let ended = tokio::select! {
             status = waited => Ended::Exited(status),
@@ -161,9 +196,15 @@ impl ExecHandler {
         if !matches!(ended, Ended::Exited(_)) {
             let _ = child.wait().await;
         }
-        let tail = match tokio::time::timeout(STDERR_DRAIN, stderr_tail).await {
+        let mut stderr_tail = stderr_tail;
+        let tail = match tokio::time::timeout(STDERR_DRAIN, &mut stderr_tail).await {
             Ok(Ok(tail)) => tail,
-            _ => String::new(),
+            Ok(Err(_)) => String::new(),
+            Err(_) => {
+                // Someone outside the group still holds stderr: stop reading it.
+                stderr_tail.abort();
+                String::new()
+            }
         };
         match ended {
             Ended::Exited(Ok(status)) => classify(status, &tail),
@@ -190,17 +231,44 @@ enum Ended {
     Cancelled,
 }
 
-/// SIGKILLs a process group when dropped.
+/// SIGKILLs a process group when dropped; listed in [`LIVE_GROUPS`] meanwhile.
 struct GroupKill(i32);
+
+impl GroupKill {
+    fn new(group: i32) -> GroupKill {
+        live_groups().insert(group);
+        GroupKill(group)
+    }
+}
 
 impl Drop for GroupKill {
     fn drop(&mut self) {
-        // SAFETY: kill(2) has no memory effects. A negative pid names the group this handler
-        // created; its id stays taken while the leader is unreaped or any member lives, and
-        // is otherwise reused only after the pid counter wraps. ESRCH (all gone) is fine.
-        unsafe {
-            libc::kill(-self.0, libc::SIGKILL);
-        }
+        kill_group(self.0);
+        live_groups().remove(&self.0);
+    }
+}
+
+fn live_groups() -> std::sync::MutexGuard<'static, BTreeSet<i32>> {
+    // A poisoned set is still right: inserts and removes cannot be left half done.
+    LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn kill_group(group: i32) {
+    // SAFETY: kill(2) has no memory effects. A negative pid names a group this handler
+    // created; its id stays taken while the leader is unreaped or any member lives, and is
+    // otherwise reused only after the pid counter wraps. ESRCH (all gone) is fine.
+    unsafe {
+        libc::kill(-group, libc::SIGKILL);
+    }
+}
+
+/// SIGKILLs the process group of every command still running; run just before a second stop
+/// signal exits the worker.
+pub fn kill_live_groups() {
+    for group in live_groups().iter() {
+        kill_group(*group);
     }
 }
 

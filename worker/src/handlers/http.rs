@@ -463,6 +463,8 @@ impl HttpHandler {
 
     fn transport_error(&self, e: reqwest::Error) -> HandlerError {
         if e.is_builder() {
+            // Without the URL: its query may hold a secret, and this reaches `last_error`.
+            let e = e.without_url();
             return HandlerError::permanent(format!("cannot build the request: {e}"));
         }
         if e.is_timeout() {
