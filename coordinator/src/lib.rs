@@ -173,15 +173,8 @@ fn exit_code_of(e: &StoreError) -> u8 {
     }
 }
 
-/// The database flags, checked only by commands that connect.
-type DbOptions = Result<tally::store::ConnectOptions, StoreError>;
-
-async fn connect(db: &DbOptions, schema: bool) -> Result<Store, StoreError> {
-    let options = db.as_ref().map_err(|e| match e {
-        StoreError::BadUrl(m) => StoreError::BadUrl(m.clone()),
-        other => StoreError::Invalid(other.to_string()),
-    })?;
-    let store = Store::connect_with(options, 2).await?;
+async fn connect(db: &tally::store::ConnectOptions, schema: bool) -> Result<Store, StoreError> {
+    let store = Store::connect_with(db, 2).await?;
     if schema {
         store.check_schema().await?;
     }
@@ -195,11 +188,16 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
         cli.db_ca_file.clone(),
         cli.db_sslmode,
         false,
-    );
-    let url = &db;
+    )
+    // Every command connects. A database flag that cannot be used is bad usage (exit 64),
+    // whatever went wrong reading it; a bad URL keeps its own message.
+    .map_err(|e| match e {
+        StoreError::BadUrl(m) => StoreError::BadUrl(m),
+        other => StoreError::Invalid(other.to_string()),
+    })?;
     match cli.command {
         Command::Migrate => {
-            let store = connect(url, false).await?;
+            let store = connect(&db, false).await?;
             let applied = store.migrate().await?;
             if applied.is_empty() {
                 println!("schema of {} is up to date", store.target());
@@ -208,9 +206,9 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             }
             Ok(exit::OK)
         }
-        Command::Prepare(args) => prepare(&connect(url, true).await?, args).await,
+        Command::Prepare(args) => prepare(&connect(&db, true).await?, args).await,
         Command::Status { batch, json } => {
-            let store = connect(url, true).await?;
+            let store = connect(&db, true).await?;
             let statuses = store.batch_status(batch.as_deref()).await?;
             if json {
                 output::print_json(&statuses, batch.is_some());
@@ -223,9 +221,9 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             batch,
             timeout,
             interval,
-        } => wait(&connect(url, true).await?, &batch, timeout, interval).await,
+        } => wait(&connect(&db, true).await?, &batch, timeout, interval).await,
         Command::Failed { batch, json, limit } => {
-            let store = connect(url, true).await?;
+            let store = connect(&db, true).await?;
             let failed = store.failed_records(&batch, limit.max(0)).await?;
             if json {
                 output::print_json(&failed, false);
@@ -235,7 +233,7 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             Ok(exit::OK)
         }
         Command::Pause { batch } => {
-            let store = connect(url, true).await?;
+            let store = connect(&db, true).await?;
             if store.pause(&batch).await? {
                 println!("batch {batch} paused: workers claim none of its records until resumed");
                 Ok(exit::OK)
@@ -246,7 +244,7 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             }
         }
         Command::Resume { batch } => {
-            let store = connect(url, true).await?;
+            let store = connect(&db, true).await?;
             match store.resume(&batch).await? {
                 (false, false) => Err(StoreError::Conflict(format!(
                     "batch {batch} is not paused and its queue's circuit breaker is closed"
@@ -263,7 +261,7 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             }
         }
         Command::Cancel { batch } => {
-            let store = connect(url, true).await?;
+            let store = connect(&db, true).await?;
             match store.cancel(&batch).await? {
                 Some(n) => {
                     println!("batch {batch} cancelled: {n} unfinished records marked cancelled");
@@ -277,19 +275,13 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
         Command::Serve(args) => {
             let stop = tokio_util::sync::CancellationToken::new();
             tokio::spawn(serve::stop_on_signal(stop.clone()));
-            let options = db.as_ref().map_err(|e| match e {
-                StoreError::BadUrl(m) => StoreError::BadUrl(m.clone()),
-                other => StoreError::Invalid(other.to_string()),
-            })?;
-            // The TLS flags travel inside the URL.
-            let serve_url = options.url_with_tls();
-            serve::run(Some(&serve_url), args, stop).await
+            serve::run(&db, args, stop).await
         }
         Command::RetryFailed {
             batch,
             reset_attempts,
         } => {
-            let store = connect(url, true).await?;
+            let store = connect(&db, true).await?;
             let n = store.retry_failed(&batch, reset_attempts).await?;
             println!("{n} failed records of batch {batch} sent back to pending");
             Ok(exit::OK)

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally::heartbeat::Heartbeat;
 use tally::store::progress::{AlertTargets, ObserveSettings, Scrape, BATCH_STATES};
+use tally::store::ConnectOptions;
 use tally::{Store, StoreError};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
@@ -140,7 +141,7 @@ struct Shared {
 /// Runs `serve` until `stop` fires. Bad options are reported all at once before anything
 /// starts. The database may be down at start: `/readyz` says so until it answers.
 pub async fn run(
-    url: Option<&str>,
+    db: &ConnectOptions,
     args: ServeArgs,
     stop: CancellationToken,
 ) -> Result<u8, StoreError> {
@@ -164,13 +165,9 @@ pub async fn run(
             problems.push(format!("{flag} must be longer than 0"));
         }
     }
-    if url.is_none() {
-        problems.push("no database given: pass --database-url or set DATABASE_URL".into());
-    }
     if !problems.is_empty() {
         return Err(StoreError::Invalid(problems.join("; ")));
     }
-    let url = url.unwrap_or_default();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -201,7 +198,7 @@ pub async fn run(
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await
     });
-    let result = watch(url, &args, hooks, &shared, &stop).await;
+    let result = watch(db, &args, hooks, &shared, &stop).await;
     stop.cancel();
     match http.await {
         Ok(Err(e)) => tracing::warn!("HTTP server stopped: {e}"),
@@ -213,13 +210,13 @@ pub async fn run(
 
 /// Connects, then observes and delivers every check interval until stopped.
 async fn watch(
-    url: &str,
+    db: &ConnectOptions,
     args: &ServeArgs,
     hooks: Vec<alerts::Webhook>,
     shared: &Shared,
     stop: &CancellationToken,
 ) -> Result<(), StoreError> {
-    let Some(store) = connect(url, shared, stop).await? else {
+    let Some(store) = connect(db, shared, stop).await? else {
         return Ok(());
     };
     let store = shared.store.get_or_init(|| async { store }).await.clone();
@@ -268,13 +265,12 @@ async fn watch(
 /// Connects and checks the schema, waiting with capped backoff while the server is
 /// unreachable. `None` when stopped while waiting.
 async fn connect(
-    url: &str,
+    db: &ConnectOptions,
     shared: &Shared,
     stop: &CancellationToken,
 ) -> Result<Option<Store>, StoreError> {
-    let options = tally::store::ConnectOptions::new(url);
     let waiting = || shared.loop_beat.beat();
-    let store = Store::connect_waiting(&options, POOL_SIZE, stop, waiting).await?;
+    let store = Store::connect_waiting(db, POOL_SIZE, stop, waiting).await?;
     if let Some(store) = &store {
         store.check_schema().await?;
     }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use tally_tests::{binary, with_database, TestDb, ThrowawayPg, WorkerCmd};
+use tally_tests::{binary, poll_until, with_database, ChildGuard, TestDb, ThrowawayPg, WorkerCmd};
 
 const PASSWORD: &str = "Tls-s3cret-pw-7q";
 const ROLE: &str = "tally_tls";
@@ -231,6 +231,35 @@ async fn tls_modes_and_password_sources_through_the_binaries() {
         &[("DATABASE_URL", &by_ip)],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // `coordinator serve` takes the same TLS flags: ready over verify-full, b1 on /metrics.
+    let port = tally_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let serve = Command::new(binary("coordinator"))
+        .args(["--db-ca-file", ca, "serve", "--listen", &listen])
+        .env("DATABASE_URL", &full)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn coordinator serve");
+    let _serve = ChildGuard::new("coordinator serve", serve);
+    let metrics = poll_until(
+        "serve ready over verify-full",
+        Duration::from_secs(20),
+        || async {
+            match tally_tests::http_get(port, "/readyz") {
+                Some((200, _)) => tally_tests::scrape(port),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(
+        metrics.contains(r#"tally_batch_records_expected{batch="b1",queue="q"} 50"#),
+        "{metrics}"
+    );
 
     // verify-full without it: refused, saying why and what to do, without the password.
     let out = run("coordinator", &["status"], &[("DATABASE_URL", &full)]);

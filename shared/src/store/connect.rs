@@ -132,38 +132,6 @@ impl ConnectOptions {
         })
     }
 
-    /// The URL with `sslmode` and `sslrootcert` folded in, for APIs that take a URL string
-    /// ([`super::Store::connect`] reads them back; `PGPASSWORD` is read there too).
-    pub fn url_with_tls(&self) -> String {
-        let mut extra = Vec::new();
-        if let Some(mode) = self.sslmode {
-            extra.push(("sslmode", mode.as_str().to_string()));
-        }
-        if let Some(path) = &self.ca_file {
-            extra.push(("sslrootcert", path.display().to_string()));
-        }
-        if extra.is_empty() {
-            return self.url.clone();
-        }
-        if self.url.starts_with("postgres://") || self.url.starts_with("postgresql://") {
-            let sep = if self.url.contains('?') { '&' } else { '?' };
-            let query: Vec<String> = extra
-                .iter()
-                .map(|(k, v)| {
-                    let v = percent_encoding::utf8_percent_encode(
-                        v,
-                        percent_encoding::NON_ALPHANUMERIC,
-                    );
-                    format!("{k}={v}")
-                })
-                .collect();
-            format!("{}{sep}{}", self.url, query.join("&"))
-        } else {
-            let words: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{} {}", self.url, words.join(" "))
-        }
-    }
-
     /// Checks `url` as [`super::Store::connect`] reads it (`sslmode` and `sslrootcert` taken
     /// out first), without connecting or reading the CA file. The error names the problem,
     /// never the URL's password.
