@@ -51,6 +51,8 @@ grant update (started_at, state, paused_reason, updated_at) on tally.batch to ta
 grant select, update on tally.record to tally_worker;
 -- One lease row per claim: created by the claim, extended, dropped or rescued.
 grant select, insert, update, delete on tally.lease to tally_worker;
+-- The claim takes the lease's id first: it is stamped on the claimed rows as their fence.
+grant usage on sequence tally.lease_id_seq to tally_worker;
 -- The per-state counts are kept by statement triggers on tally.record, which run with the
 -- privileges of the role whose UPDATE fired them.
 grant select, insert, update on tally.batch_count to tally_worker;

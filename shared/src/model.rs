@@ -31,7 +31,10 @@ impl RecordState {
 pub struct Outcome {
     pub id: i64,
     pub batch_id: i64,
+    /// The attempt the outcome is for (the handler's).
     pub attempt: i32,
+    /// The lease the row was claimed under: the fencing token of the write.
+    pub lease_id: i64,
     pub state: RecordState,
     pub error: Option<String>,
     pub retry_in: Duration,
@@ -44,6 +47,7 @@ impl Outcome {
             id: record.id,
             batch_id: record.batch_id,
             attempt: record.attempt,
+            lease_id: record.lease_id,
             state: RecordState::Complete,
             error: None,
             retry_in: Duration::ZERO,
@@ -59,10 +63,11 @@ pub struct ClaimedRecord {
     pub batch_id: i64,
     /// The record's id within its batch.
     pub record_id: String,
-    /// Fencing token: every write about this row must present it.
+    /// The attempt this claim is (1 for the first); counted only once its handler starts.
     pub attempt: i32,
     pub payload: serde_json::Value,
-    /// The lease (one per claim) that holds this row.
+    /// The lease (one per claim) that holds this row; its id is the fencing token every
+    /// write about the row must present.
     pub lease_id: i64,
 }
 
@@ -168,8 +173,12 @@ pub struct BreakerPolicy {
 /// What one rescue pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RescueSummary {
+    /// Rows whose handler had started, back to pending for another attempt.
     pub to_pending: u64,
+    /// Rows whose handler had started on their last attempt.
     pub to_failed: u64,
+    /// Rows that never started: back to pending with their attempt given back.
+    pub unstarted: u64,
     /// Batches that got failed rows (to check against their failure limit).
     pub batches_with_failures: Vec<i64>,
 }

@@ -1,9 +1,9 @@
 -- Records outcomes behind the fence: a row is written only while it is still running under
--- this owner and attempt. $1 ids, $2 attempts, $3 new states ('complete' | 'pending' |
--- 'failed'), $4 errors, $5 retry delays in seconds, $6 owner. Returns the rows written.
+-- the same lease. $1 ids, $2 lease ids, $3 new states ('complete' | 'pending' | 'failed'),
+-- $4 errors, $5 retry delays in seconds, $6 owner. Returns the rows written.
 with v as (
-    select * from unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::float8[])
-                  as v(id, attempt, state, error, delay_s)
+    select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[])
+                  as v(id, lease_id, state, error, delay_s)
 )
 update tally.record r
    set state = v.state,
@@ -11,7 +11,8 @@ update tally.record r
        available_at = case when v.state = 'pending'
                            then now() + make_interval(secs => v.delay_s) end,
        lease_owner = null,
+       lease_id = null,
        updated_at = now()
   from v
- where r.id = v.id and r.attempt = v.attempt and r.lease_owner = $6 and r.state = 'running'
+ where r.id = v.id and r.lease_id = v.lease_id and r.lease_owner = $6 and r.state = 'running'
 returning r.id

@@ -1,7 +1,10 @@
 -- Takes up to $1 expired leases (their worker died or stalled) and returns their rows that
--- are still running under that lease (same owner and attempt) to pending, or fails them when their attempts
--- are spent. The attempt was counted at claim. Safe from several workers at once: each
--- lease is taken by one of them.
+-- are still running under that lease. A row whose handler started (within the lease's
+-- announced `started` prefix) has spent its attempt: it goes back to pending, or fails when
+-- its attempts are spent. A row that never started gets its attempt back and goes back to
+-- pending with its last error unchanged. Safe from several workers at once: each lease is
+-- taken by one of them. Rows of leases from before lease ids were the fence match on owner
+-- and attempt, and count as started.
 with expired as (
     delete from tally.lease
      where id in (select id from tally.lease
@@ -9,20 +12,32 @@ with expired as (
                    order by expires_at
                    limit $1
                      for update skip locked)
-    returning owner, record_ids, attempts
+    returning id, owner, record_ids, attempts, started
 ),
 held as (
-    select e.owner, h.id, h.attempt
-      from expired e, unnest(e.record_ids, e.attempts) as h(id, attempt)
+    select e.id as lease_id, e.owner, h.id, h.attempt,
+           (e.started is null or h.pos <= e.started) as ran
+      from expired e,
+           unnest(e.record_ids, e.attempts) with ordinality as h(id, attempt, pos)
+),
+returned as (
+    update tally.record r
+       set state = case when h.ran and r.attempt >= b.max_attempts then 'failed'
+                        else 'pending' end,
+           attempt = case when h.ran then r.attempt else r.attempt - 1 end,
+           available_at = case when h.ran and r.attempt >= b.max_attempts then null
+                               else now() end,
+           last_error = case when h.ran
+                             then 'lease expired on attempt ' || r.attempt || ' of '
+                                  || b.max_attempts || ' (worker ' || h.owner || ')'
+                             else r.last_error end,
+           lease_owner = null,
+           lease_id = null,
+           updated_at = now()
+      from held h, tally.batch b
+     where r.id = h.id and r.state = 'running' and b.id = r.batch_id
+       and (r.lease_id = h.lease_id
+            or (r.lease_id is null and r.attempt = h.attempt and r.lease_owner = h.owner))
+    returning b.queue, r.state, r.batch_id, h.ran
 )
-update tally.record r
-   set state = case when r.attempt >= b.max_attempts then 'failed' else 'pending' end,
-       available_at = case when r.attempt >= b.max_attempts then null else now() end,
-       last_error = 'lease expired on attempt ' || r.attempt || ' of ' || b.max_attempts
-                    || ' (worker ' || h.owner || ')',
-       lease_owner = null,
-       updated_at = now()
-  from held h, tally.batch b
- where r.id = h.id and r.attempt = h.attempt and r.lease_owner = h.owner and r.state = 'running'
-   and b.id = r.batch_id
-returning b.queue, r.state, r.batch_id
+select queue, state, batch_id, ran from returned

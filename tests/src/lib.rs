@@ -934,3 +934,34 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// Prepares batch `spec` from `records` (JSONL) through the store; panics if that fails.
+pub async fn prepare_records(
+    store: &Store,
+    spec: &tally::BatchSpec,
+    records: &[serde_json::Value],
+) {
+    store
+        .prepare_from_reader(
+            spec,
+            std::io::Cursor::new(jsonl_bytes(records)),
+            tally::input::Format::Jsonl,
+            1 << 20,
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("prepare {}: {e}", spec.name));
+}
+
+/// Waits until `batch` has records and none is pending or running.
+pub async fn wait_finished(
+    client: &tokio_postgres::Client,
+    batch: &str,
+    timeout: std::time::Duration,
+) {
+    poll_until(&format!("batch {batch} to finish"), timeout, || async {
+        let c = counts_by_state(client, batch).await;
+        (c.total() > 0 && c.pending + c.running == 0).then_some(())
+    })
+    .await
+}

@@ -3,7 +3,6 @@
 //! in the database), and a handler's cancellation token fires when its lease is lost.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,8 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use serde_json::json;
-use tally::input::Format;
-use tally::{Handler, HandlerError, RecordContext, Store};
+use tally::{Handler, HandlerError, RecordContext};
 use tally_tests::*;
 use tally_worker::{NoopHandler, RunSummary, Worker, WorkerError};
 use tokio::sync::mpsc;
@@ -23,21 +21,6 @@ use tokio_util::sync::CancellationToken;
 #[allow(dead_code)]
 #[path = "../../worker/examples/custom_handler.rs"]
 mod example;
-
-const MIB: usize = 1 << 20;
-
-async fn prepare(store: &Store, spec: &tally::BatchSpec, records: &[serde_json::Value]) {
-    store
-        .prepare_from_reader(
-            spec,
-            Cursor::new(jsonl_bytes(records)),
-            Format::Jsonl,
-            MIB,
-            None,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("prepare {}: {e}", spec.name));
-}
 
 /// Runs `worker` in the background; cancel the token to stop it.
 fn spawn_worker(
@@ -78,18 +61,6 @@ async fn record(
         .await
         .unwrap_or_else(|e| panic!("record {batch}/{id}: {e}"));
     (row.get(0), row.get(1), row.get(2))
-}
-
-async fn wait_finished(client: &tokio_postgres::Client, batch: &str) {
-    poll_until(
-        &format!("batch {batch} to finish"),
-        Duration::from_secs(60),
-        || async {
-            let c = counts_by_state(client, batch).await;
-            (c.total() > 0 && c.pending + c.running == 0).then_some(())
-        },
-    )
-    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -146,7 +117,7 @@ async fn builder_worker_classifies_webhook_answers_into_retries_and_failures() {
     let client = db.client().await;
     let mut spec = spec("hooks-1", "hooks");
     spec.max_attempts = 3;
-    prepare(
+    prepare_records(
         &store,
         &spec,
         &[
@@ -176,7 +147,7 @@ async fn builder_worker_classifies_webhook_answers_into_retries_and_failures() {
         .build()
         .expect("valid configuration");
     let (shutdown, task) = spawn_worker(worker);
-    wait_finished(&client, "hooks-1").await;
+    wait_finished(&client, "hooks-1", Duration::from_secs(60)).await;
     let summary = stop(shutdown, task).await;
     server.abort();
 
@@ -327,7 +298,7 @@ async fn a_lost_lease_cancels_the_handlers_of_its_records() {
     let db = TestDb::new("api_lease_lost").await;
     let store = db.store().await;
     let client = db.client().await;
-    prepare(
+    prepare_records(
         &store,
         &spec("lease-1", "lease"),
         &[json!({"id": "first"}), json!({"id": "second"})],
@@ -390,7 +361,7 @@ async fn a_lost_lease_cancels_the_handlers_of_its_records() {
         .build()
         .expect("valid configuration");
     let (rescuer_stop, rescuer_task) = spawn_worker(rescuer);
-    wait_finished(&client, "lease-1").await;
+    wait_finished(&client, "lease-1", Duration::from_secs(60)).await;
     let rescuer_summary = stop(rescuer_stop, rescuer_task).await;
     assert_eq!(rescuer_summary.completed, 2, "{rescuer_summary:?}");
 
@@ -420,7 +391,7 @@ async fn a_renewal_that_finds_the_lease_rescued_cancels_the_handler() {
     let db = TestDb::new("api_renewal_lost").await;
     let store = db.store().await;
     let client = db.client().await;
-    prepare(&store, &spec("renew-1", "renew"), &[json!({"id": "only"})]).await;
+    prepare_records(&store, &spec("renew-1", "renew"), &[json!({"id": "only"})]).await;
 
     // Renewed every second; nothing but a renewal can tell this worker its lease is gone,
     // since its only record never finishes on its own.
@@ -525,7 +496,7 @@ async fn outcomes_postgresql_would_refuse_are_cleaned_and_do_not_stall_the_worke
         json!({"id": "long", "mode": "long"}),
     ];
     records.extend((0..50).map(|i| json!({"id": format!("ok{i}")})));
-    prepare(&store, &spec("unstorable-1", "unstorable"), &records).await;
+    prepare_records(&store, &spec("unstorable-1", "unstorable"), &records).await;
     let worker = Worker::builder(store.clone(), "unstorable")
         .handler(Unstorable)
         .poll_interval(Duration::from_millis(100))

@@ -115,17 +115,18 @@ async fn queue_backlog_counts_pending_of_ready_batches_and_all_running() {
             .await
             .expect("finish rest");
     }
-    let running: Vec<(i64, i32)> = client
+    let running: Vec<(i64, i32, i64)> = client
         .query(
-            "select id, attempt from tally.record where state = 'running' and batch_id = any($1)",
+            "select id, attempt, lease_id from tally.record \
+              where state = 'running' and batch_id = any($1)",
             &[&vec![a, b]],
         )
         .await
         .expect("running rows")
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    for (id, attempt) in running {
+    for (id, attempt, lease_id) in running {
         let owner: String = client
             .query_one("select lease_owner from tally.record where id = $1", &[&id])
             .await
@@ -135,6 +136,7 @@ async fn queue_backlog_counts_pending_of_ready_batches_and_all_running() {
             id,
             batch_id: 0,
             attempt,
+            lease_id,
             state: tally::RecordState::Complete,
             error: None,
             retry_in: Duration::ZERO,

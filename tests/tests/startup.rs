@@ -261,6 +261,15 @@ async fn a_lease_expiring_on_the_last_attempt_counts_as_exhausted() {
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 1);
+    // Its handler started (a row that never started would get its attempt back).
+    store
+        .start_leases(
+            &[(claimed[0].lease_id, 1)],
+            "dead-worker",
+            Duration::from_secs(600),
+        )
+        .await
+        .expect("announce the start");
     assert_eq!(tally_tests::backdate_lease(&client, claimed[0].id).await, 1);
 
     let port = free_port();

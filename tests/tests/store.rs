@@ -6,17 +6,19 @@ use std::time::Duration;
 
 use serde_json::json;
 use tally::input::Format;
-use tally::{Outcome, PrepareOutcome, RecordState, Store, StoreError};
+use tally::{ClaimedRecord, Outcome, PrepareOutcome, RecordState, Store, StoreError};
 use tally_tests::*;
 
 const MIB: usize = 1 << 20;
 
-fn outcome(id: i64, attempt: i32, state: RecordState, error: Option<&str>) -> Outcome {
+/// The outcome of a claimed row: its lease id is the fencing token.
+fn outcome(r: &ClaimedRecord, state: RecordState, error: Option<&str>) -> Outcome {
     Outcome {
-        id,
+        id: r.id,
         // Only the worker reads it (to check failure limits); the store's finish does not.
         batch_id: 0,
-        attempt,
+        attempt: r.attempt,
+        lease_id: r.lease_id,
         state,
         error: error.map(str::to_string),
         retry_in: Duration::ZERO,
@@ -185,9 +187,9 @@ async fn state_transitions_keep_counts_exact() {
     let written = store
         .finish(
             &[
-                outcome(claimed[0].id, 1, RecordState::Complete, None),
-                outcome(claimed[1].id, 1, RecordState::Pending, Some("try again")),
-                outcome(claimed[2].id, 1, RecordState::Failed, Some("boom")),
+                outcome(&claimed[0], RecordState::Complete, None),
+                outcome(&claimed[1], RecordState::Pending, Some("try again")),
+                outcome(&claimed[2], RecordState::Failed, Some("boom")),
             ],
             "w1",
         )
@@ -246,7 +248,7 @@ async fn state_transitions_keep_counts_exact() {
 
     let all: Vec<Outcome> = claimed2
         .iter()
-        .map(|r| outcome(r.id, r.attempt, RecordState::Complete, None))
+        .map(|r| outcome(r, RecordState::Complete, None))
         .collect();
     assert_eq!(store.finish(&all, "w2").await.unwrap().len(), 3);
     let c = assert_counts_exact(&store, &client, "b1").await;
@@ -280,10 +282,7 @@ async fn state_transitions_keep_counts_exact() {
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].record_id.as_str(), again[0].attempt), ("r3", 2));
     store
-        .finish(
-            &[outcome(again[0].id, 2, RecordState::Complete, None)],
-            "w3",
-        )
+        .finish(&[outcome(&again[0], RecordState::Complete, None)], "w3")
         .await
         .unwrap();
     let c = assert_counts_exact(&store, &client, "b1").await;
@@ -307,7 +306,7 @@ async fn a_delayed_retry_is_not_claimable_before_its_time() {
         .claim(id, 1, "w", Duration::from_secs(60))
         .await
         .unwrap();
-    let mut retry = outcome(r[0].id, 1, RecordState::Pending, Some("later"));
+    let mut retry = outcome(&r[0], RecordState::Pending, Some("later"));
     retry.retry_in = Duration::from_secs(3600);
     assert_eq!(store.finish(&[retry], "w").await.unwrap().len(), 1);
     assert!(
@@ -596,6 +595,14 @@ async fn an_expired_lease_is_fenced_off() {
     let row = a[0].id;
     assert_eq!(a[0].attempt, 1);
 
+    // Its handler starts.
+    assert_eq!(
+        store
+            .start_leases(&[(a[0].lease_id, 1)], "a", lease)
+            .await
+            .unwrap(),
+        vec![a[0].lease_id]
+    );
     // Nothing has expired yet: rescue leaves the row alone.
     assert_eq!(store.rescue_expired(100).await.unwrap().to_pending, 0);
     assert!(backdate_lease(&client, row).await >= 1);
@@ -605,6 +612,7 @@ async fn an_expired_lease_is_fenced_off() {
         tally::RescueSummary {
             to_pending: 1,
             to_failed: 0,
+            unstarted: 0,
             batches_with_failures: vec![],
         }
     );
@@ -629,32 +637,40 @@ async fn an_expired_lease_is_fenced_off() {
     assert_eq!(b.len(), 1);
     assert_eq!((b[0].id, b[0].attempt), (row, 2));
 
-    // A, whose lease is gone, can neither renew, release nor finish in any way.
+    // A, whose lease is gone, can neither renew, announce, release nor finish in any way.
     assert!(store
         .renew_leases(&[a[0].lease_id], "a", lease)
         .await
         .unwrap()
         .is_empty());
-    assert_eq!(store.release(&[(row, 1)], "a").await.unwrap(), 0);
+    assert!(store
+        .start_leases(&[(a[0].lease_id, 1)], "a", lease)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.release(&[(row, a[0].lease_id)], "a").await.unwrap(),
+        0
+    );
     for state in [
         RecordState::Complete,
         RecordState::Failed,
         RecordState::Pending,
     ] {
         let refused = store
-            .finish(&[outcome(row, 1, state, Some("late"))], "a")
+            .finish(&[outcome(&a[0], state, Some("late"))], "a")
             .await
             .unwrap();
         assert!(refused.is_empty(), "A's {state:?} must be refused");
     }
-    // Neither the right attempt under the wrong owner nor the reverse gets through.
+    // Neither the right lease under the wrong owner nor the reverse gets through.
     assert!(store
-        .finish(&[outcome(row, 2, RecordState::Complete, None)], "a")
+        .finish(&[outcome(&b[0], RecordState::Complete, None)], "a")
         .await
         .unwrap()
         .is_empty());
     assert!(store
-        .finish(&[outcome(row, 1, RecordState::Complete, None)], "b")
+        .finish(&[outcome(&a[0], RecordState::Complete, None)], "b")
         .await
         .unwrap()
         .is_empty());
@@ -685,7 +701,7 @@ async fn an_expired_lease_is_fenced_off() {
         .unwrap()
         .is_empty());
     let done = store
-        .finish(&[outcome(row, 2, RecordState::Complete, None)], "b")
+        .finish(&[outcome(&b[0], RecordState::Complete, None)], "b")
         .await
         .unwrap();
     assert_eq!(done, vec![row]);
@@ -693,7 +709,7 @@ async fn an_expired_lease_is_fenced_off() {
     assert_eq!(c.complete, 1);
     // And the late A still cannot undo it.
     assert!(store
-        .finish(&[outcome(row, 1, RecordState::Failed, Some("late"))], "a")
+        .finish(&[outcome(&a[0], RecordState::Failed, Some("late"))], "a")
         .await
         .unwrap()
         .is_empty());
@@ -724,7 +740,15 @@ async fn rescuing_an_old_claim_spares_a_row_reclaimed_since() {
     let first = store.claim(batch, 2, "a", lease).await.unwrap();
     assert_eq!(first.len(), 2);
     let (r1, r2) = (first[0].id, first[1].id);
-    let retry = outcome(r1, 1, RecordState::Pending, Some("transient"));
+    assert_eq!(
+        store
+            .start_leases(&[(first[0].lease_id, 2)], "a", lease)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let retry = outcome(&first[0], RecordState::Pending, Some("transient"));
     assert_eq!(store.finish(&[retry], "a").await.unwrap(), vec![r1]);
     let second = store.claim(batch, 10, "a", lease).await.unwrap();
     assert_eq!(second.len(), 1);
@@ -771,13 +795,14 @@ async fn rescuing_an_old_claim_spares_a_row_reclaimed_since() {
         tally::RescueSummary {
             to_pending: 1,
             to_failed: 0,
+            unstarted: 0,
             batches_with_failures: vec![],
         },
         "only r2 comes back"
     );
     assert_eq!(
         store
-            .finish(&[outcome(r1, 2, RecordState::Complete, None)], "a")
+            .finish(&[outcome(&second[0], RecordState::Complete, None)], "a")
             .await
             .unwrap(),
         vec![r1]
@@ -799,6 +824,10 @@ async fn a_lease_expiring_on_the_last_attempt_fails_the_record() {
         .await
         .unwrap();
     let row = claimed[0].id;
+    store
+        .start_leases(&[(claimed[0].lease_id, 1)], "a", Duration::from_secs(60))
+        .await
+        .unwrap();
     assert!(backdate_lease(&client, row).await >= 1);
     let rescued = store.rescue_expired(100).await.unwrap();
     assert_eq!(
@@ -806,6 +835,7 @@ async fn a_lease_expiring_on_the_last_attempt_fails_the_record() {
         tally::RescueSummary {
             to_pending: 0,
             to_failed: 1,
+            unstarted: 0,
             batches_with_failures: vec![claimed[0].batch_id],
         }
     );
@@ -827,7 +857,7 @@ async fn a_lease_expiring_on_the_last_attempt_fails_the_record() {
     assert_eq!((c.pending, c.failed), (1, 1));
     // The late owner cannot resurrect it.
     assert!(store
-        .finish(&[outcome(row, 1, RecordState::Complete, None)], "a")
+        .finish(&[outcome(&claimed[0], RecordState::Complete, None)], "a")
         .await
         .unwrap()
         .is_empty());
@@ -846,7 +876,7 @@ async fn release_gives_rows_back_without_an_attempt() {
         .claim(batch, 3, "w", Duration::from_secs(60))
         .await
         .unwrap();
-    let held: Vec<(i64, i32)> = claimed.iter().map(|r| (r.id, r.attempt)).collect();
+    let held: Vec<(i64, i64)> = claimed.iter().map(|r| (r.id, r.lease_id)).collect();
     assert_eq!(
         store.release(&held, "other").await.unwrap(),
         0,
@@ -905,7 +935,8 @@ fn scans(plan: &serde_json::Value, in_cte: bool, out: &mut Vec<(String, String, 
             .get("Subplan Name")
             .and_then(|s| s.as_str())
             .is_some_and(|s| s.contains("picked"));
-    if here {
+    // Scans of tally.record only: the claim also checks its batch's state by primary key.
+    if here && plan.get("Relation Name").and_then(|s| s.as_str()) == Some("record") {
         if let Some(index) = plan.get("Index Name").and_then(|s| s.as_str()) {
             out.push((
                 plan["Node Type"].as_str().unwrap_or("?").to_string(),
@@ -943,7 +974,7 @@ async fn heavy_claim_plan_uses_the_pending_index() {
         .await
         .unwrap()
         .iter()
-        .map(|r| outcome(r.id, r.attempt, RecordState::Complete, None))
+        .map(|r| outcome(r, RecordState::Complete, None))
         .collect();
     assert_eq!(store.finish(&done, "w").await.unwrap().len(), 1000);
     store

@@ -231,6 +231,15 @@ async fn heavy_exactly_once_with_a_worker_killed() {
         &[],
     )
     .await;
+    // Of those, the rows whose handler had started: only they spend an attempt.
+    let orphaned_started = query_i64(
+        &client,
+        "select count(*) from tally.record r join tally.lease l on l.id = r.lease_id \
+          where r.state = 'running' and r.lease_owner = 'w1' \
+            and array_position(l.record_ids, r.id) <= l.started",
+        &[],
+    )
+    .await;
 
     let (code, stdout, stderr) = wait_batch(&db.url, "eo", "120s").await;
     assert_eq!(code, EXIT_OK, "{stdout} {stderr}");
@@ -246,8 +255,12 @@ async fn heavy_exactly_once_with_a_worker_killed() {
     )
     .await;
     assert!(
-        redelivered >= orphaned,
-        "{orphaned} rows were orphaned but only {redelivered} redelivered"
+        redelivered >= orphaned_started,
+        "{orphaned_started} started rows were orphaned but only {redelivered} redelivered"
+    );
+    assert!(
+        redelivered <= orphaned,
+        "{redelivered} rows spent a second attempt, but only {orphaned} were orphaned"
     );
     assert_eq!(
         query_i64(

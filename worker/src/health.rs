@@ -86,6 +86,8 @@ pub struct Health {
     window_ms: AtomicU64,
     connected: AtomicBool,
     draining: AtomicBool,
+    /// One of the worker's own tasks died: not live, whatever else holds.
+    failed: AtomicBool,
 }
 
 impl Health {
@@ -112,6 +114,11 @@ impl Health {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// The worker failed and is exiting: neither live nor ready from now on.
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
     /// An idle loop beats once per poll interval: allow three of them before calling it dead.
     pub fn set_poll_interval(&self, poll: Duration) {
         let window = LIVENESS_WINDOW.max(poll.saturating_mul(3));
@@ -126,12 +133,15 @@ impl Health {
             0 => LIVENESS_WINDOW,
             ms => Duration::from_millis(ms),
         };
-        self.draining.load(Ordering::Relaxed) || self.loop_beat.silent_for() < window
+        !self.failed.load(Ordering::Relaxed)
+            && (self.draining.load(Ordering::Relaxed) || self.loop_beat.silent_for() < window)
     }
 
     /// `Err` with the reason when not ready.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) {
+            Err("failed: one of the worker's tasks died")
+        } else if self.draining.load(Ordering::Relaxed) {
             Err("draining")
         } else if !self.connected.load(Ordering::Relaxed) {
             Err("not connected to PostgreSQL")
@@ -281,6 +291,32 @@ mod tests {
         health.set_draining();
         assert!(health.is_live(), "a draining worker is not restarted");
         assert_eq!(health.readiness(), Err("draining"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_worker_answers_503_on_both_probes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let health = Health::new();
+        health.set_connected(true);
+        let metrics = Arc::new(WorkerMetrics::new("q").expect("metrics"));
+        tokio::spawn(serve(
+            listener,
+            health.clone(),
+            metrics,
+            CancellationToken::new(),
+        ));
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        health.set_failed();
+        assert_eq!(get(addr, "/healthz").await.0, 503);
+        let (status, body) = get(addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("failed"), "{body}");
+        // Draining does not make a failed worker live again.
+        health.set_draining();
+        assert!(!health.is_live());
     }
 
     #[tokio::test]

@@ -41,6 +41,8 @@ mod run;
 pub use builder::{default_pool_size, Database, WorkerBuilder};
 pub use handlers::{ExecConfig, ExecHandler, HttpConfig, HttpHandler};
 pub use health::Health;
+#[doc(hidden)]
+pub use run::Fault;
 pub use run::{RunSummary, Worker};
 pub use tally::{Handler, HandlerError, RecordContext};
 
@@ -203,4 +205,8 @@ pub enum WorkerError {
     /// The database refused or failed: unreachable, no schema, an invalid statement.
     #[error(transparent)]
     Store(#[from] tally::StoreError),
+    /// One of the worker's own tasks died (a panic, or a loop that ended): the worker stopped
+    /// renewing its leases and exited, so that other workers rescue its rows.
+    #[error("the worker stopped: {0}")]
+    Fatal(String),
 }

@@ -29,6 +29,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             "/../sql/migrations/0003_progress_failed.sql"
         )),
     ),
+    (
+        4,
+        "0004_lease_fence",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0004_lease_fence.sql"
+        )),
+    ),
 ];
 
 pub(super) fn latest_version() -> i32 {

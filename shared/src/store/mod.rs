@@ -13,7 +13,7 @@ pub use connect::{
     ConnectOptions, SslMode, DEFAULT_SSLMODE, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,
     ENV_DB_CA_FILE, ENV_DB_SSLMODE, ENV_PGBOUNCER, ENV_PGPASSWORD,
 };
-pub use transactional::{is_retryable_sqlstate, StatementFailure, TransactionalResult};
+pub use transactional::{is_retryable_sqlstate, ChunkError, StatementFailure, TransactionalResult};
 
 use crate::error::{describe_pg_error, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

@@ -127,8 +127,9 @@ impl Store {
             .collect())
     }
 
-    /// Writes outcomes in one statement, each only while `owner` still holds that row at that
-    /// attempt. Returns the ids written; the others' leases were lost and must not be retried.
+    /// Writes outcomes in one statement, each only while `owner` still holds that row under
+    /// the outcome's lease. Returns the ids written; the others' leases were lost and must not
+    /// be retried.
     pub async fn finish(&self, outcomes: &[Outcome], owner: &str) -> Result<Vec<i64>, StoreError> {
         if outcomes.is_empty() {
             return Ok(Vec::new());
@@ -160,6 +161,33 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Announces, before the handlers start, how many rows of each lease (by `record_ids`
+    /// order) were handed to a handler: `(lease id, started)`. Renews them too. Returns the
+    /// leases still held; the rows of the others were rescued and must not start.
+    pub async fn start_leases(
+        &self,
+        started: &[(i64, i32)],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Vec<i64>, StoreError> {
+        if started.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, counts): (Vec<i64>, Vec<i32>) = started.iter().copied().unzip();
+        let client = self.conn().await?;
+        let lease_s = lease.as_secs_f64();
+        let rows = query_cached(
+            &*client,
+            self.pgbouncer,
+            sql!("lease_start"),
+            &[&ids, &counts, &owner, &lease_s],
+        )
+        .await
+        .map_err(|e| StoreError::db("announcing handler starts", e))?;
+        client.done().await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Removes leases whose rows are all written back.
     pub async fn drop_leases(&self, lease_ids: &[i64], owner: &str) -> Result<(), StoreError> {
         if lease_ids.is_empty() {
@@ -173,18 +201,19 @@ impl Store {
         client.done().await
     }
 
-    /// Gives back rows that were claimed but never started, without counting an attempt.
-    pub async fn release(&self, held: &[(i64, i32)], owner: &str) -> Result<u64, StoreError> {
+    /// Gives back rows (by id and lease id) that were claimed but never started, without
+    /// counting an attempt.
+    pub async fn release(&self, held: &[(i64, i64)], owner: &str) -> Result<u64, StoreError> {
         if held.is_empty() {
             return Ok(0);
         }
-        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        let (ids, leases): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
         let client = self.conn().await?;
         let rows = query_cached(
             &*client,
             self.pgbouncer,
             sql!("record_release"),
-            &[&ids, &attempts, &owner],
+            &[&ids, &leases, &owner],
         )
         .await
         .map_err(|e| StoreError::db("releasing records", e))?;
@@ -205,11 +234,16 @@ impl Store {
         for row in &rows {
             let state: &str = row.get(1);
             let batch_id: i64 = row.get(2);
+            let ran: bool = row.get(3);
             if state == "failed" && !summary.batches_with_failures.contains(&batch_id) {
                 summary.batches_with_failures.push(batch_id);
             }
             if state == "pending" {
-                summary.to_pending += 1;
+                if ran {
+                    summary.to_pending += 1;
+                } else {
+                    summary.unstarted += 1;
+                }
                 let queue: String = row.get(0);
                 if !queues.contains(&queue) {
                     queues.push(queue);
@@ -238,19 +272,19 @@ pub(super) async fn finish_on<C: super::TypedQuery>(
 ) -> Result<Vec<i64>, StoreError> {
     let ctx = "recording outcomes";
     let mut ids = Vec::with_capacity(outcomes.len());
-    let mut attempts = Vec::with_capacity(outcomes.len());
+    let mut leases = Vec::with_capacity(outcomes.len());
     let mut states = Vec::with_capacity(outcomes.len());
     let mut errors = Vec::with_capacity(outcomes.len());
     let mut delays = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         ids.push(o.id);
-        attempts.push(o.attempt);
+        leases.push(o.lease_id);
         states.push(o.state.as_str());
         errors.push(o.error.as_deref());
         delays.push(o.retry_in.as_secs_f64());
     }
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-        [&ids, &attempts, &states, &errors, &delays, &owner];
+        [&ids, &leases, &states, &errors, &delays, &owner];
     let rows = query_cached(client, pgbouncer, sql!("record_finish"), &params)
         .await
         .map_err(|e| StoreError::db(ctx, e))?;

@@ -38,6 +38,40 @@ pub fn is_retryable_sqlstate(code: &str) -> bool {
         || code.starts_with("53")
 }
 
+/// Why a chunk did not commit. Nothing of it was written either way.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// None of the operator's statements ran: no connection could be had, or it failed
+    /// before the first one. Try the same chunk again later; no attempt was spent.
+    #[error("{0}")]
+    Unavailable(StoreError),
+    /// The statement could not be prepared (a table dropped, a column renamed): it fails
+    /// alike for every record of the chunk.
+    #[error("the SQL handler statement cannot be prepared: {}", .0.message)]
+    Statement(StatementFailure),
+    /// The transaction failed after the statements ran: at COMMIT (a deferred constraint),
+    /// or its session broke (a statement may have killed its own backend). One of the
+    /// records may be the cause; the chunk must be split to find it.
+    #[error("the SQL handler transaction failed: {}", .0.message)]
+    Transaction(StatementFailure),
+}
+
+/// A failure the store reported as an error, classified like a statement's.
+fn failure_of_store(err: StoreError) -> StatementFailure {
+    match err {
+        StoreError::Db { message, code, .. } => StatementFailure {
+            retryable: code.as_deref().is_none_or(is_retryable_sqlstate),
+            message,
+            sqlstate: code,
+        },
+        other => StatementFailure {
+            message: other.to_string(),
+            sqlstate: None,
+            retryable: true,
+        },
+    }
+}
+
 fn failure_of(err: &tokio_postgres::Error) -> StatementFailure {
     let sqlstate = err.code().map(|c| c.code().to_string());
     let retryable = match &sqlstate {
@@ -50,6 +84,15 @@ fn failure_of(err: &tokio_postgres::Error) -> StatementFailure {
         sqlstate,
         retryable,
     }
+}
+
+/// The session is gone: the connection broke (no SQLSTATE), or the server ended it with a
+/// FATAL error (`pg_terminate_backend`, a shutdown). Nothing more can run on it.
+fn session_lost(err: &tokio_postgres::Error) -> bool {
+    err.code().is_none()
+        || err
+            .as_db_error()
+            .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
 }
 
 /// The statement itself is wrong: syntax or access (class 42), data (22) or an unsupported
@@ -92,6 +135,7 @@ impl Store {
     /// the completion in one transaction. If any statement fails, that transaction is rolled
     /// back and the chunk is redone with a savepoint per record, so one bad record does not
     /// sink the others. `on_failure` turns a failure into the outcome to write (retry or fail).
+    /// A failure of the whole transaction is a [`ChunkError`], saying what the caller may do.
     pub async fn run_transactional(
         &self,
         batch: &str,
@@ -99,8 +143,8 @@ impl Store {
         owner: &str,
         statement: &str,
         on_failure: impl Fn(&ClaimedRecord, &StatementFailure) -> Outcome,
-    ) -> Result<TransactionalResult, StoreError> {
-        let mut client = self.client().await?;
+    ) -> Result<TransactionalResult, ChunkError> {
+        let mut client = self.client().await.map_err(ChunkError::Unavailable)?;
         let pgbouncer = self.pgbouncer;
         if let Some(result) =
             fast_path(&mut client, pgbouncer, batch, records, owner, statement).await?
@@ -129,16 +173,43 @@ async fn lock_held(
     owner: &str,
 ) -> Result<HashSet<i64>, StoreError> {
     let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
+    let leases: Vec<i64> = records.iter().map(|r| r.lease_id).collect();
     let rows = query_cached(
         tx,
         pgbouncer,
         sql!("record_lock_fenced"),
-        &[&ids, &attempts, &owner],
+        &[&ids, &leases, &owner],
     )
     .await
     .map_err(|e| StoreError::db(CTX, e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Opens the chunk's transaction, locks the rows still held and prepares the statement.
+/// Nothing of the operator's has run yet, so a failure here spends no attempt.
+async fn begin<'a>(
+    client: &'a mut deadpool_postgres::Object,
+    pgbouncer: bool,
+    records: &[ClaimedRecord],
+    owner: &str,
+    statement: &str,
+) -> Result<
+    (
+        deadpool_postgres::Transaction<'a>,
+        HashSet<i64>,
+        tokio_postgres::Statement,
+    ),
+    ChunkError,
+> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| ChunkError::Unavailable(StoreError::db(CTX, e)))?;
+    let held = lock_held(&tx, pgbouncer, records, owner)
+        .await
+        .map_err(ChunkError::Unavailable)?;
+    let stmt = prepare_handler_statement(&tx, pgbouncer, statement).await?;
+    Ok((tx, held, stmt))
 }
 
 /// `Ok(None)` when a statement failed and the chunk must be redone record by record.
@@ -149,13 +220,8 @@ async fn fast_path(
     records: &[ClaimedRecord],
     owner: &str,
     statement: &str,
-) -> Result<Option<TransactionalResult>, StoreError> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| StoreError::db(CTX, e))?;
-    let held = lock_held(&tx, pgbouncer, records, owner).await?;
-    let stmt = prepare_handler_statement(&tx, pgbouncer, statement).await?;
+) -> Result<Option<TransactionalResult>, ChunkError> {
+    let (tx, held, stmt) = begin(client, pgbouncer, records, owner, statement).await?;
     let mine: Vec<&ClaimedRecord> = records.iter().filter(|r| held.contains(&r.id)).collect();
     // Issued together, these are pipelined on the connection: one round trip for the chunk.
     let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 3]> = mine
@@ -167,16 +233,20 @@ async fn fast_path(
     // Closed before the transaction ends (see prepare_handler_statement).
     drop(stmt);
     if let Some(err) = results.into_iter().find_map(Result::err) {
-        if err.code().is_none() {
-            // The connection itself failed: nothing committed; the leases will expire.
-            return Err(StoreError::db(CTX, err));
+        if session_lost(&err) {
+            // The session itself failed: nothing committed.
+            return Err(ChunkError::Transaction(failure_of(&err)));
         }
         drop(tx);
         return Ok(None);
     }
     let outcomes: Vec<Outcome> = mine.iter().map(|r| Outcome::complete(r)).collect();
-    let written = finish_on(&tx, pgbouncer, &outcomes, owner).await?;
-    tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
+    let written = finish_on(&tx, pgbouncer, &outcomes, owner)
+        .await
+        .map_err(|e| ChunkError::Transaction(failure_of_store(e)))?;
+    tx.commit()
+        .await
+        .map_err(|e| ChunkError::Transaction(failure_of(&e)))?;
     Ok(Some(TransactionalResult {
         completed: written.len() as u64,
         failed: Vec::new(),
@@ -195,14 +265,20 @@ async fn prepare_handler_statement(
     tx: &deadpool_postgres::Transaction<'_>,
     pgbouncer: bool,
     statement: &str,
-) -> Result<tokio_postgres::Statement, StoreError> {
+) -> Result<tokio_postgres::Statement, ChunkError> {
     let types = [Type::TEXT, Type::JSONB, Type::TEXT];
     let prepared = if pgbouncer {
         tx.prepare_typed(statement, &types).await
     } else {
         tx.prepare_typed_cached(statement, &types).await
     };
-    prepared.map_err(|e| StoreError::db(CTX, e))
+    prepared.map_err(|e| {
+        if is_statement_error(&e) {
+            ChunkError::Statement(failure_of(&e))
+        } else {
+            ChunkError::Unavailable(StoreError::db(CTX, e))
+        }
+    })
 }
 
 async fn slow_path(
@@ -213,37 +289,24 @@ async fn slow_path(
     owner: &str,
     statement: &str,
     on_failure: impl Fn(&ClaimedRecord, &StatementFailure) -> Outcome,
-) -> Result<TransactionalResult, StoreError> {
-    let mut tx = client
-        .transaction()
-        .await
-        .map_err(|e| StoreError::db(CTX, e))?;
-    let held = lock_held(&tx, pgbouncer, records, owner).await?;
-    let stmt = prepare_handler_statement(&tx, pgbouncer, statement).await?;
+) -> Result<TransactionalResult, ChunkError> {
+    let (mut tx, held, stmt) = begin(client, pgbouncer, records, owner, statement).await?;
+    let broke = |e: tokio_postgres::Error| ChunkError::Transaction(failure_of(&e));
     let mut outcomes = Vec::with_capacity(records.len());
     let mut failed = Vec::new();
     for r in records.iter().filter(|r| held.contains(&r.id)) {
-        let savepoint = tx
-            .savepoint("record")
-            .await
-            .map_err(|e| StoreError::db(CTX, e))?;
+        let savepoint = tx.savepoint("record").await.map_err(broke)?;
         match savepoint
             .execute(&stmt, &[&r.record_id, &r.payload, &batch])
             .await
         {
             Ok(_) => {
-                savepoint
-                    .commit()
-                    .await
-                    .map_err(|e| StoreError::db(CTX, e))?;
+                savepoint.commit().await.map_err(broke)?;
                 outcomes.push(Outcome::complete(r));
             }
-            Err(err) if err.code().is_none() => return Err(StoreError::db(CTX, err)),
+            Err(err) if session_lost(&err) => return Err(broke(err)),
             Err(err) => {
-                savepoint
-                    .rollback()
-                    .await
-                    .map_err(|e| StoreError::db(CTX, e))?;
+                savepoint.rollback().await.map_err(broke)?;
                 let outcome = on_failure(r, &failure_of(&err));
                 failed.push(outcome.clone());
                 outcomes.push(outcome);
@@ -251,8 +314,10 @@ async fn slow_path(
         }
     }
     drop(stmt);
-    finish_on(&tx, pgbouncer, &outcomes, owner).await?;
-    tx.commit().await.map_err(|e| StoreError::db(CTX, e))?;
+    finish_on(&tx, pgbouncer, &outcomes, owner)
+        .await
+        .map_err(|e| ChunkError::Transaction(failure_of_store(e)))?;
+    tx.commit().await.map_err(broke)?;
     Ok(TransactionalResult {
         completed: (outcomes.len() - failed.len()) as u64,
         failed,
