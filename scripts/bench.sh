@@ -80,7 +80,6 @@ if [ -n "${TALLY_BENCH_SHARED:-}" ]; then
     SHARED="$TALLY_BENCH_SHARED"
 else
     SHARED="$(dirname -- "$REPO")/shared/bench"
-    [ -f "$SHARED/sql_limit.sh" ] || [ ! -f /work/shared/bench/sql_limit.sh ] || SHARED=/work/shared/bench
 fi
 
 # ---------------------------------------------------------------------------
@@ -191,6 +190,10 @@ run_shared() {
     fi
 }
 
+if [ "$COMPARE" = 1 ] && [ ! -d "$SHARED" ]; then
+    echo "bench: --compare needs the shared benchmarks in $SHARED (../shared/bench beside the repository), or TALLY_BENCH_SHARED=DIR" >&2
+    exit 64
+fi
 if [ "$COMPARE" = 1 ]; then
     run_shared sql_limit sql_claim_c2_k1000 "$PHASE_TIMEOUT" "$SHARED/sql_limit.sh" "$N" 2 1000
     run_shared graphile_worker graphile_worker_work "$PHASE_TIMEOUT" "$SHARED/peer_graphile_worker.sh" "$N"

@@ -5,7 +5,7 @@
 use prometheus::IntCounterVec;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tally::store::alerts::AlertDelivery;
 use tally::store::progress::{Event, EventKind};
 use tally::{Store, StoreError};
@@ -203,9 +203,22 @@ impl Deliverer {
             if claimed.is_empty() {
                 break;
             }
-            let results = futures::future::join_all(claimed.iter().map(|d| self.deliver(d))).await;
-            for result in results {
-                sent += usize::from(result?);
+            let lease_end = Instant::now() + self.lease;
+            let results =
+                futures::future::join_all(claimed.iter().map(|d| self.deliver(d, lease_end))).await;
+            // Every delivery's outcome counts, whatever happened to the others.
+            let mut first_error = None;
+            for (d, result) in claimed.iter().zip(results) {
+                match result {
+                    Ok(took) => sent += usize::from(took),
+                    Err(e) => {
+                        tracing::warn!("alert {}: {e}", d.key);
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
             if claimed.len() < CLAIM_SIZE as usize {
                 break;
@@ -215,13 +228,15 @@ impl Deliverer {
     }
 
     /// One attempt; records its outcome. True if the webhook took the alert.
-    async fn deliver(&self, d: &AlertDelivery) -> Result<bool, StoreError> {
+    async fn deliver(&self, d: &AlertDelivery, lease_end: Instant) -> Result<bool, StoreError> {
         let Some(hook) = self.hooks.get(&d.webhook) else {
             return Ok(false);
         };
         match self.send(hook, d).await {
             Ok(()) => {
-                if !self.store.alert_sent(d).await? {
+                // Sent: losing that now would send it again once the lease passes.
+                let marked = until_lease_end(lease_end, || self.store.alert_sent(d)).await?;
+                if !marked {
                     tracing::warn!(
                         "alert {} reached {} after its lease passed to another replica",
                         d.key,
@@ -250,9 +265,10 @@ impl Deliverer {
                         f.message
                     );
                 }
-                self.store
-                    .alert_failed(d, &f.message, retry_in, give_up)
-                    .await?;
+                until_lease_end(lease_end, || {
+                    self.store.alert_failed(d, &f.message, retry_in, give_up)
+                })
+                .await?;
                 let result = if give_up { "failed" } else { "retried" };
                 self.outcomes.with_label_values(&[result]).inc();
                 Ok(false)
@@ -293,6 +309,26 @@ impl Deliverer {
             permanent,
             retry_after,
         })
+    }
+}
+
+/// Runs `op` again after a lost connection while this replica's lease of the delivery lasts;
+/// after that its outcome is the next holder's to record.
+async fn until_lease_end<T, F, Fut>(lease_end: Instant, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = tally::store::RETRY_BACKOFF_MIN;
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && Instant::now() + delay < lease_end => {
+                tracing::debug!("recording an alert delivery: {e}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(tally::store::RETRY_BACKOFF_MAX);
+            }
+            other => return other,
+        }
     }
 }
 

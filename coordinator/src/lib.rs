@@ -95,6 +95,16 @@ enum Command {
     /// Serve per-batch progress on /metrics (Prometheus), /healthz and /readyz, and send
     /// alert webhooks; runs until SIGTERM. Several replicas may run at once.
     Serve(serve::ServeArgs),
+    /// Remove finished batches, or batches whose prepare was interrupted, with their records
+    /// (alerts stay). Batches with records pending or running are refused.
+    Purge {
+        /// Batches to remove.
+        #[arg(required_unless_present = "interrupted")]
+        batches: Vec<String>,
+        /// Also remove every batch whose prepare was interrupted (`status` shows them).
+        #[arg(long)]
+        interrupted: bool,
+    },
     /// Send a batch's failed records back to pending.
     RetryFailed {
         batch: String,
@@ -142,6 +152,13 @@ struct PrepareArgs {
     /// Largest accepted record, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     max_payload_bytes: usize,
+    /// How long to wait for another session that holds the batch (a prepare still running,
+    /// or a killed one whose session the server has not ended yet).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    lock_wait: Duration,
+    /// How long to keep retrying a lost connection or a restarting server, from the start.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
 }
 
 /// Runs one command; returns the process exit code. Messages go to stderr (as JSON lines when
@@ -277,6 +294,10 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             tokio::spawn(serve::stop_on_signal(stop.clone()));
             serve::run(&db, args, stop).await
         }
+        Command::Purge {
+            batches,
+            interrupted,
+        } => purge(&connect(&db, true).await?, batches, interrupted).await,
         Command::RetryFailed {
             batch,
             reset_attempts,
@@ -300,6 +321,10 @@ async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {
         max_failed: args.max_failed,
         max_failed_ratio: args.max_failed_ratio,
     };
+    let policy = tally::store::PreparePolicy {
+        lock_wait: args.lock_wait,
+        retry_for: args.retry_for,
+    };
     let started = Instant::now();
     let outcome = match (args.from_file, args.from_query) {
         (Some(path), _) => {
@@ -307,30 +332,27 @@ async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {
             let callback = progress
                 .clone()
                 .map(|bar| Arc::new(move |n: u64| bar.set_position(n)) as tally::store::Progress);
-            let result = if path.as_os_str() == "-" {
-                store
-                    .prepare_from_reader(
-                        &spec,
-                        std::io::stdin(),
-                        args.format,
-                        args.max_payload_bytes,
-                        callback,
-                    )
-                    .await
+            let input = if path.as_os_str() == "-" {
+                tally::store::PrepareInput::Stream(Box::new(std::io::stdin()))
             } else {
-                let file = std::fs::File::open(&path).map_err(|e| {
-                    StoreError::Invalid(format!("cannot open {}: {e}", path.display()))
-                })?;
-                store
-                    .prepare_from_reader(&spec, file, args.format, args.max_payload_bytes, callback)
-                    .await
+                tally::store::PrepareInput::File(path.clone())
             };
+            let result = store
+                .prepare_input(
+                    &spec,
+                    input,
+                    args.format,
+                    args.max_payload_bytes,
+                    callback,
+                    &policy,
+                )
+                .await;
             if let Some(bar) = progress {
                 bar.finish_and_clear();
             }
             result.map_err(|e| name_file(e, &path))?
         }
-        (None, Some(query)) => store.prepare_from_query(&spec, &query).await?,
+        (None, Some(query)) => store.prepare_query(&spec, &query, &policy).await?,
         (None, None) => {
             return Err(StoreError::Invalid(
                 "give --from-file <path|-> or --from-query \"<SELECT …>\"".into(),
@@ -348,6 +370,42 @@ async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {
             "batch {} was already prepared from this input ({records} records); nothing added",
             args.batch
         ),
+    }
+    Ok(exit::OK)
+}
+
+/// Purges the named batches, then (with `interrupted`) every interrupted one. Goes on past
+/// a batch that cannot be purged, and fails at the end if any could not.
+async fn purge(
+    store: &Store,
+    mut batches: Vec<String>,
+    interrupted: bool,
+) -> Result<u8, StoreError> {
+    if interrupted {
+        for status in store.batch_status(None).await? {
+            if status.state == "interrupted" && !batches.contains(&status.batch) {
+                batches.push(status.batch);
+            }
+        }
+        if batches.is_empty() {
+            println!("no interrupted batches");
+        }
+    }
+    let mut refused = 0;
+    for batch in &batches {
+        match store.purge(batch).await {
+            Ok(records) => println!("batch {batch} purged: {records} records removed"),
+            Err(e) => {
+                tally::logging::report("coordinator", &e);
+                refused += 1;
+            }
+        }
+    }
+    if refused > 0 {
+        return Err(StoreError::Conflict(format!(
+            "{refused} of {} batches were not purged (see above)",
+            batches.len()
+        )));
     }
     Ok(exit::OK)
 }
@@ -383,6 +441,15 @@ async fn wait(
         };
         if interactive {
             eprint!("\r{}   ", output::status_line(status));
+        }
+        if status.state == "interrupted" {
+            if interactive {
+                eprintln!();
+            }
+            return Err(StoreError::Conflict(format!(
+                "batch {batch} was interrupted while being prepared: run prepare again, or \
+                 remove it with `coordinator purge {batch}`"
+            )));
         }
         if status.is_finished() {
             if interactive {

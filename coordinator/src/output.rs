@@ -42,11 +42,26 @@ fn duration(secs: f64) -> String {
     }
 }
 
+/// The state as people read it: an interrupted batch says what to do.
+fn shown_state(s: &BatchStatus) -> String {
+    if s.state == "interrupted" {
+        "interrupted: re-run prepare".to_string()
+    } else {
+        s.state.clone()
+    }
+}
+
 /// `batch: state, complete/total, failed, rate, eta` on one line.
 pub fn status_line(s: &BatchStatus) -> String {
     let mut line = format!(
         "{}: {} — {}/{} complete, {} failed, {} pending, {} running",
-        s.batch, s.state, s.complete, s.total, s.failed, s.pending, s.running
+        s.batch,
+        shown_state(s),
+        s.complete,
+        s.total,
+        s.failed,
+        s.pending,
+        s.running
     );
     if let Some(rate) = s.rate_per_s {
         line.push_str(&format!(", {rate:.0}/s"));
@@ -69,7 +84,7 @@ pub fn print_status_table(statuses: &[BatchStatus]) {
         return;
     }
     println!(
-        "{:<24} {:<12} {:<22} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
+        "{:<24} {:<12} {:<27} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
         "BATCH",
         "QUEUE",
         "STATE",
@@ -83,10 +98,10 @@ pub fn print_status_table(statuses: &[BatchStatus]) {
     );
     for s in statuses {
         println!(
-            "{:<24} {:<12} {:<22} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
+            "{:<24} {:<12} {:<27} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
             s.batch,
             s.queue,
-            s.state,
+            shown_state(s),
             s.total,
             s.pending,
             s.running,

@@ -47,9 +47,14 @@ pub enum StoreError {
 impl StoreError {
     /// Wraps a driver error with what the store was doing.
     pub fn db(context: &'static str, err: tokio_postgres::Error) -> Self {
+        Self::db_ref(context, &err)
+    }
+
+    /// Like [`StoreError::db`], for an error the caller keeps.
+    pub fn db_ref(context: &'static str, err: &tokio_postgres::Error) -> Self {
         StoreError::Db {
             context,
-            message: describe_pg_error(&err),
+            message: describe_pg_error(err),
             code: err.code().map(|c| c.code().to_string()),
         }
     }
@@ -63,6 +68,20 @@ impl StoreError {
                 ..
             }
         )
+    }
+
+    /// Worth trying again from the start: the server could not be reached, the session was
+    /// lost (no SQLSTATE: the connection broke) or ended by the server, or the transaction
+    /// lost a serialization or deadlock race. Bad input, conflicts and SQL errors are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect { transient, .. } => *transient,
+            StoreError::Db { code: None, .. } => true,
+            StoreError::Db {
+                code: Some(code), ..
+            } => is_transient_sqlstate(code),
+            _ => false,
+        }
     }
 
     /// The SQLSTATE of a database error, if any.
@@ -85,6 +104,15 @@ impl From<deadpool_postgres::PoolError> for StoreError {
             },
         }
     }
+}
+
+/// SQLSTATEs of a session or transaction that may well succeed when run again: connection
+/// exceptions (08), insufficient resources (53), a terminated backend or a server shutting
+/// down or starting (57P01-57P03), serialization failures and deadlocks (40001, 40P01).
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
 }
 
 /// The server's own message (with detail) rather than the driver's terse "db error".

@@ -86,7 +86,8 @@ pub struct ClaimableBatch {
 pub struct BatchStatus {
     pub batch: String,
     pub queue: String,
-    /// preparing, ready, running, complete, complete_with_failures, paused or cancelled.
+    /// preparing, interrupted (preparing, but its prepare died: run it again), ready, running,
+    /// complete, complete_with_failures, paused or cancelled.
     pub state: String,
     pub total: i64,
     pub pending: i64,

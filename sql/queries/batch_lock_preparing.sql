@@ -1,3 +1,3 @@
--- Taken by the prepare transaction; NOWAIT turns a concurrent prepare of the same batch into
--- an immediate error instead of a silent wait. $1 id
-select id from tally.batch where id = $1 and state = 'preparing' for update nowait
+-- Taken by the prepare transaction, which already holds the batch's prepare lock; none when
+-- the batch is no longer `preparing` (purged, or prepared meanwhile). $1 id
+select id from tally.batch where id = $1 and state = 'preparing' for update

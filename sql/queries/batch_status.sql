@@ -11,7 +11,15 @@ select b.name, b.queue, b.state, b.total,
        b.paused_reason,
        (select k.state || coalesce(' until ' || to_char(k.open_until at time zone 'UTC',
                                        'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '')
-          from tally.breaker k where k.queue = b.queue and k.state <> 'closed') as breaker
+          from tally.breaker k where k.queue = b.queue and k.state <> 'closed') as breaker,
+       -- Preparing, yet no session holds its prepare lock (see prepare_lock): the prepare
+       -- died before its load committed.
+       b.state = 'preparing' and not exists (
+           select from pg_locks l
+            where l.locktype = 'advisory' and l.granted
+              and l.database = (select oid from pg_database where datname = current_database())
+              and l.classid = 7236552 and l.objid = hashtext(b.name)::oid and l.objsubid = 2
+       ) as interrupted
   from tally.batch b
   left join tally.batch_count c on c.batch_id = b.id
  where $1::text is null or b.name = $1

@@ -6,6 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use tally::Store;
 
+pub mod serve;
+
 /// Admin URL of the server tests run against (set by `scripts/test.sh`).
 pub fn admin_url() -> String {
     std::env::var("TALLY_TEST_DATABASE_URL")
@@ -964,4 +966,18 @@ pub async fn wait_finished(
         (c.total() > 0 && c.pending + c.running == 0).then_some(())
     })
     .await
+}
+
+/// Parses a command's JSON output, or fails the test showing it.
+pub fn parse_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// `coordinator status --json [batch]`, which must succeed.
+pub async fn status_json(db: &TestDb, batch: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["status", "--json"];
+    args.extend(batch);
+    let (code, stdout, stderr) = coordinator_async(&db.url, &args).await;
+    assert_eq!(code, 0, "status --json: {stderr}");
+    parse_json(&stdout)
 }

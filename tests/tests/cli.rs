@@ -1,5 +1,5 @@
 //! The `coordinator` binary: exit codes and messages for bad input, names and servers,
-//! `status --json`, `wait`, and a prepare killed mid-COPY.
+//! `status --json` and `wait`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -402,18 +402,6 @@ async fn missing_schema_says_to_migrate() {
 // 11. status --json and wait
 // ---------------------------------------------------------------------------------------------
 
-fn parse_json(stdout: &str) -> Value {
-    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
-}
-
-async fn status_json(db: &TestDb, batch: Option<&str>) -> Value {
-    let mut args = vec!["status", "--json"];
-    args.extend(batch);
-    let (code, stdout, stderr) = coordinator_async(&db.url, &args).await;
-    assert_eq!(code, EXIT_OK, "{stderr}");
-    parse_json(&stdout)
-}
-
 fn assert_status(v: &Value, batch: &str, queue: &str, state: &str, counts: [i64; 5]) {
     assert_eq!(v["batch"], batch, "{v}");
     assert_eq!(v["queue"], queue, "{v}");
@@ -538,127 +526,5 @@ async fn status_json_and_wait_exit_codes() {
     assert!(
         stdout.contains("good") && stdout.contains("poison"),
         "{stdout}"
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// 4. A prepare killed mid-COPY, then re-run
-// ---------------------------------------------------------------------------------------------
-
-async fn copy_backends(client: &tokio_postgres::Client, db: &str) -> i64 {
-    query_i64(
-        client,
-        "select count(*) from pg_stat_activity where datname = $1 and query ilike 'copy tally.record%'",
-        &[&db],
-    )
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heavy_prepare_killed_then_rerun() {
-    const N: i64 = 1_000_000;
-    let db = TestDb::new("heavy_prepare_killed").await;
-    let dir = TempDir::new("killed-prepare");
-    let path = jsonl_file(&dir.0, "big.jsonl", N as u64)
-        .display()
-        .to_string();
-    let client = db.client().await;
-    let store = db.store().await;
-    let args = [
-        "prepare",
-        "big",
-        "--queue",
-        "q",
-        "--from-file",
-        path.as_str(),
-    ];
-
-    let mut prepare = start_coordinator(&db.url, &args);
-    // Kill it while COPY is streaming: once the COPY shows up, give it a second of rows.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while copy_backends(&client, &db.name).await == 0 {
-        prepare.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "the COPY did not start within 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    prepare.assert_running();
-    prepare.signal(libc::SIGKILL);
-    prepare
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("killed prepare exits");
-
-    assert_eq!(
-        query_i64(&client, "select count(*) from tally.record", &[]).await,
-        0,
-        "no record of the killed prepare is visible"
-    );
-    assert_eq!(
-        query_i64(
-            &client,
-            "select count(*) from tally.batch where state = 'ready'",
-            &[]
-        )
-        .await,
-        0,
-        "no batch became ready half-written"
-    );
-    assert!(store.claimable_batches("q").await.unwrap().is_empty());
-    // The server notices the dead client and rolls the COPY back.
-    poll_until(
-        "the killed COPY to be rolled back",
-        Duration::from_secs(30),
-        || async { (copy_backends(&client, &db.name).await == 0).then_some(()) },
-    )
-    .await;
-
-    let (code, stdout, stderr) = coordinator_async(&db.url, &args).await;
-    assert_eq!(code, EXIT_OK, "re-run: {stdout} {stderr}");
-    assert!(stdout.contains("prepared"), "{stdout}");
-    let row = client
-        .query_one(
-            "select count(*), count(distinct record_id), min(payload->>'n'), \
-                    count(*) filter (where payload->>'id' <> record_id) from tally.record",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(0), N, "exactly the input's rows");
-    assert_eq!(row.get::<_, i64>(1), N, "no duplicates");
-    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("1"));
-    assert_eq!(row.get::<_, i64>(3), 0);
-    assert_eq!(
-        query_i64(
-            &client,
-            "select count(*) from tally.batch where name = 'big' and state = 'ready'",
-            &[]
-        )
-        .await,
-        1
-    );
-    assert_eq!(
-        query_i64(&client, "select count(*) from tally.batch", &[]).await,
-        1
-    );
-    let c = assert_counts_exact(&store, &client, "big").await;
-    assert_eq!(c.pending, N);
-    assert_status(
-        &status_json(&db, Some("big")).await,
-        "big",
-        "q",
-        "ready",
-        [N, N, 0, 0, 0],
-    );
-
-    let (code, stdout, stderr) = coordinator_async(&db.url, &args).await;
-    assert_eq!(code, EXIT_OK, "second re-run: {stdout} {stderr}");
-    assert!(stdout.contains("already prepared"), "{stdout}");
-    assert_eq!(
-        query_i64(&client, "select count(*) from tally.record", &[]).await,
-        N
     );
 }

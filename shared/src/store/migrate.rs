@@ -1,4 +1,4 @@
-//! Ordered migrations from `sql/migrations`, applied under an advisory lock.
+//! Ordered migrations from `sql/migrations`, each applied under a transaction's advisory lock.
 
 use super::{sql, Store};
 use crate::error::StoreError;
@@ -45,52 +45,46 @@ pub(super) fn latest_version() -> i32 {
 
 impl Store {
     /// Applies the migrations not yet recorded, each in its own transaction. Safe to run from
-    /// several replicas at once: they queue on an advisory lock, and the later ones find
-    /// nothing left to do. Returns the names applied now.
+    /// several replicas at once: each transaction first takes an advisory lock, and the later
+    /// replicas find nothing left to do. Returns the names applied now.
     pub async fn migrate(&self) -> Result<Vec<&'static str>, StoreError> {
         let mut client = self.client().await?;
         let ctx = "applying migrations";
-        client
-            .query_one(sql!("migration_lock"), &[])
-            .await
-            .map_err(|e| StoreError::db(ctx, e))?;
-        let result = async {
-            client
-                .batch_execute(sql!("migration_table"))
+        let mut done = Vec::new();
+        loop {
+            let tx = client
+                .transaction()
                 .await
                 .map_err(|e| StoreError::db(ctx, e))?;
-            let applied: Vec<i32> = client
+            tx.query_one(sql!("migration_lock"), &[])
+                .await
+                .map_err(|e| StoreError::db(ctx, e))?;
+            tx.batch_execute(sql!("migration_table"))
+                .await
+                .map_err(|e| StoreError::db(ctx, e))?;
+            let applied: Vec<i32> = tx
                 .query(sql!("migration_applied"), &[])
                 .await
                 .map_err(|e| StoreError::db(ctx, e))?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            let mut done = Vec::new();
-            for (version, name, text) in MIGRATIONS {
-                if applied.contains(version) {
-                    continue;
-                }
-                let tx = client
-                    .transaction()
-                    .await
-                    .map_err(|e| StoreError::db(ctx, e))?;
-                tx.batch_execute(text).await.map_err(|e| StoreError::Db {
-                    context: "applying migration",
-                    message: format!("{name}: {}", crate::error::describe_pg_error(&e)),
-                    code: e.code().map(|c| c.code().to_string()),
-                })?;
-                tx.execute(sql!("migration_record"), &[version, name])
-                    .await
-                    .map_err(|e| StoreError::db(ctx, e))?;
+            let Some((version, name, text)) =
+                MIGRATIONS.iter().find(|(v, _, _)| !applied.contains(v))
+            else {
                 tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
-                done.push(*name);
-            }
-            Ok(done)
+                return Ok(done);
+            };
+            tx.batch_execute(text).await.map_err(|e| StoreError::Db {
+                context: "applying migration",
+                message: format!("{name}: {}", crate::error::describe_pg_error(&e)),
+                code: e.code().map(|c| c.code().to_string()),
+            })?;
+            tx.execute(sql!("migration_record"), &[version, name])
+                .await
+                .map_err(|e| StoreError::db(ctx, e))?;
+            tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
+            done.push(*name);
         }
-        .await;
-        // The lock is per session: release it even on failure, since the pool keeps the session.
-        let _ = client.query_one(sql!("migration_unlock"), &[]).await;
-        result
     }
 }

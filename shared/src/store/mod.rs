@@ -3,16 +3,19 @@
 pub mod alerts;
 mod batch;
 mod connect;
+mod load;
 mod migrate;
+mod prepare;
 pub mod progress;
 mod record;
 mod transactional;
 
-pub use batch::Progress;
 pub use connect::{
     ConnectOptions, SslMode, DEFAULT_SSLMODE, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,
     ENV_DB_CA_FILE, ENV_DB_SSLMODE, ENV_PGBOUNCER, ENV_PGPASSWORD,
 };
+pub use load::Progress;
+pub use prepare::{PrepareInput, PreparePolicy, DEFAULT_LOCK_WAIT, DEFAULT_RETRY_FOR};
 pub use transactional::{is_retryable_sqlstate, ChunkError, StatementFailure, TransactionalResult};
 
 use crate::error::{describe_pg_error, StoreError};
@@ -39,6 +42,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_RETRY_MIN: Duration = Duration::from_millis(250);
 /// Longest wait of [`Store::connect_waiting`] between connection attempts.
 pub const CONNECT_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// First wait before retrying a statement whose session or server failed; it doubles.
+pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two such retries.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Subscribes a session to the channel on which `prepare`, `retry-failed` and the rescuer
 /// announce work (the notification's payload is the queue).
@@ -69,8 +77,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Connects and checks that the server answers. `max_connections` bounds the pool. The URL
-    /// may carry `sslmode` and `sslrootcert`; `PGPASSWORD` is used when it has no password.
+    /// Connects and checks that the server answers. `max_connections` (at least 2) bounds the
+    /// pool. The URL may carry `sslmode` and `sslrootcert`; `PGPASSWORD` is used when it has no password.
     pub async fn connect(url: &str, max_connections: usize) -> Result<Store, StoreError> {
         Self::connect_with(&ConnectOptions::new(url), max_connections).await
     }
@@ -98,7 +106,8 @@ impl Store {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(max_connections.max(1))
+            // A prepare holds one connection for its load and creates the batch on another.
+            .max_size(max_connections.max(2))
             .build()
             .map_err(|e| StoreError::BadUrl(e.to_string()))?;
         let store = Store {

@@ -23,9 +23,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Pause after a failed database call, doubled up to the maximum.
-const ERROR_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Pause after a failed database call, doubled up to the maximum (as `prepare` retries).
+use tally::store::{
+    RETRY_BACKOFF_MAX as ERROR_BACKOFF_MAX, RETRY_BACKOFF_MIN as ERROR_BACKOFF_MIN,
+};
 /// How often progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Retry wake-ups are rounded up to this step, so that a flush of many retries with jittered
