@@ -2,6 +2,7 @@
 
 mod alerts;
 mod output;
+mod pipeline;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -105,6 +106,11 @@ enum Command {
         #[arg(long)]
         interrupted: bool,
     },
+    /// Pipelines: runs of batches that depend on each other (see docs/pipelines.md).
+    Pipeline {
+        #[command(subcommand)]
+        command: pipeline::PipelineCommand,
+    },
     /// Send a batch's failed records back to pending.
     RetryFailed {
         batch: String,
@@ -181,7 +187,7 @@ fn interactive_stderr() -> bool {
 
 fn exit_code_of(e: &StoreError) -> u8 {
     match e {
-        StoreError::BadUrl(_) | StoreError::Invalid(_) => exit::USAGE,
+        StoreError::BadUrl(_) | StoreError::Invalid(_) | StoreError::NoRecords(_) => exit::USAGE,
         StoreError::Input(_) => exit::DATA,
         StoreError::Connect { .. }
         | StoreError::SchemaMissing { .. }
@@ -191,11 +197,38 @@ fn exit_code_of(e: &StoreError) -> u8 {
 }
 
 async fn connect(db: &tally::store::ConnectOptions, schema: bool) -> Result<Store, StoreError> {
-    let store = Store::connect_with(db, 2).await?;
-    if schema {
-        store.check_schema().await?;
+    connect_retrying(db, schema, Duration::ZERO).await
+}
+
+/// Like [`connect`], trying again for up to `retry_for` while the session is lost or the
+/// server restarts (an unreachable server is reported at once, as before).
+async fn connect_retrying(
+    db: &tally::store::ConnectOptions,
+    schema: bool,
+    retry_for: Duration,
+) -> Result<Store, StoreError> {
+    let deadline = Instant::now() + retry_for;
+    let mut delay = tally::store::RETRY_BACKOFF_MIN;
+    loop {
+        let attempt = async {
+            let store = Store::connect_with(db, 2).await?;
+            if schema {
+                store.check_schema().await?;
+            }
+            Ok::<_, StoreError>(store)
+        }
+        .await;
+        match attempt {
+            Err(e @ StoreError::Db { .. })
+                if e.is_transient() && Instant::now() + delay < deadline =>
+            {
+                tracing::warn!("{e}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(tally::store::RETRY_BACKOFF_MAX);
+            }
+            other => return other,
+        }
     }
-    Ok(store)
 }
 
 async fn execute(cli: Cli) -> Result<u8, StoreError> {
@@ -223,7 +256,10 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             }
             Ok(exit::OK)
         }
-        Command::Prepare(args) => prepare(&connect(&db, true).await?, args).await,
+        Command::Prepare(args) => {
+            let store = connect_retrying(&db, true, args.retry_for).await?;
+            prepare(&store, args).await
+        }
         Command::Status { batch, json } => {
             let store = connect(&db, true).await?;
             let statuses = store.batch_status(batch.as_deref()).await?;
@@ -298,6 +334,15 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             batches,
             interrupted,
         } => purge(&connect(&db, true).await?, batches, interrupted).await,
+        Command::Pipeline { command } => {
+            // A bad file is reported before any connection is made.
+            if let pipeline::PipelineCommand::Run { file, .. } = &command {
+                if let Err(code) = pipeline::load(file) {
+                    return Ok(code);
+                }
+            }
+            pipeline::execute(&connect(&db, true).await?, command).await
+        }
         Command::RetryFailed {
             batch,
             reset_attempts,

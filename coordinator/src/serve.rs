@@ -236,6 +236,23 @@ async fn watch(
         stall_after: args.stall_after,
         finished_retention: args.finished_retention,
     };
+    // Pipeline runs move on in a task of their own: preparing a stage's batch may take long,
+    // and must not hold up observations, alerts or /healthz.
+    let advancer = {
+        let (store, stop, interval) = (store.clone(), stop.clone(), args.check_interval);
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = store.advance_pipelines().await {
+                    tracing::warn!("advancing pipeline runs: {e}");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
+    };
+    let _advancer = AbortOnDrop(advancer);
     loop {
         match store.observe(settings, &targets, &alerts::body).await {
             Ok(Some(events)) => {
@@ -435,6 +452,15 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: PostgreSQL did not answer in time\n".into(),
         ),
+    }
+}
+
+/// Aborts a background task when the loop that owns it returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -35,6 +35,12 @@ pub enum StoreError {
     BatchNotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Another session holds what this one needs (a batch being prepared).
+    #[error("{0}")]
+    Locked(String),
+    /// An input (a query) that yields no record: a batch needs at least one.
+    #[error("{0}")]
+    NoRecords(String),
     #[error("{context}: {message}")]
     Db {
         context: &'static str,

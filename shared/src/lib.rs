@@ -10,6 +10,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod names;
+pub mod pipeline;
 pub mod shutdown;
 pub mod store;
 

@@ -10,6 +10,7 @@ use deadpool_postgres::Transaction;
 use futures::SinkExt;
 use std::io::{BufReader, Read};
 use std::sync::{Arc, Mutex};
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 
 /// Bytes of COPY data sent per message.
 const COPY_CHUNK_BYTES: usize = 256 * 1024;
@@ -102,18 +103,28 @@ pub(super) async fn load_query(
     id: i64,
     spec: &BatchSpec,
     query: &str,
+    params: &[String],
 ) -> Result<u64, StoreError> {
-    // The query is the operator's own SQL, run as written; only values are parameters.
+    // The query is the operator's own SQL, run as written; only values are parameters. Its
+    // own parameters come first ($1..$n), the batch's after them.
+    let n = params.len();
     let statement = format!(
         "insert into tally.record (batch_id, record_id, payload) \
-         select $1, s.j ->> $2::text, s.j from (select to_jsonb(q) as j from ({query}) as q) as s"
+         select ${}, s.j ->> ${}::text, s.j from (select to_jsonb(q) as j from ({query}) as q) as s",
+        n + 1,
+        n + 2
     );
+    let texts: Vec<TextParam> = params.iter().map(|p| TextParam(p)).collect();
+    let mut args: Vec<&(dyn ToSql + Sync)> =
+        texts.iter().map(|t| t as &(dyn ToSql + Sync)).collect();
+    args.push(&id);
+    args.push(&spec.id_field);
     let records = tx
-        .execute(&statement, &[&id, &spec.id_field])
+        .execute(&statement, &args)
         .await
         .map_err(|e| query_failure(&e, &spec.id_field))?;
     if records == 0 {
-        return Err(StoreError::Invalid(
+        return Err(StoreError::NoRecords(
             "the query returned no rows: a batch needs at least one record".into(),
         ));
     }
@@ -123,6 +134,50 @@ pub(super) async fn load_query(
         )));
     }
     Ok(records)
+}
+
+/// Loads the failed records of batch `from` into batch `id`.
+pub(super) async fn load_failed(
+    tx: &Transaction<'_>,
+    id: i64,
+    from: &str,
+) -> Result<u64, StoreError> {
+    let records = tx
+        .execute(sql!("load_failed"), &[&id, &from])
+        .await
+        .map_err(|e| StoreError::db("copying failed records", e))?;
+    if records == 0 {
+        return Err(StoreError::NoRecords(format!(
+            "batch {from} has no failed records: a batch needs at least one record"
+        )));
+    }
+    Ok(records)
+}
+
+/// A parameter sent in text format, so that the server parses it as whatever type the query
+/// gives it (`:date::date`, a comparison with an int column, …).
+#[derive(Debug)]
+struct TextParam<'a>(&'a str);
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
 }
 
 /// Makes the loaded batch claimable and wakes its queue's workers (at commit).

@@ -37,6 +37,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             "/../sql/migrations/0004_lease_fence.sql"
         )),
     ),
+    (
+        5,
+        "0005_pipelines",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0005_pipelines.sql"
+        )),
+    ),
 ];
 
 pub(super) fn latest_version() -> i32 {

@@ -75,8 +75,11 @@ enum Load<'a> {
     },
     Query {
         query: &'a str,
+        params: &'a [String],
         digest: String,
     },
+    /// The failed records of another batch.
+    Failed { from: &'a str, digest: String },
 }
 
 impl Load<'_> {
@@ -84,6 +87,7 @@ impl Load<'_> {
         match self {
             Load::Records { .. } => "file",
             Load::Query { .. } => "query",
+            Load::Failed { .. } => "failed",
         }
     }
 }
@@ -219,16 +223,57 @@ impl Store {
         query: &str,
         policy: &PreparePolicy,
     ) -> Result<PrepareOutcome, StoreError> {
+        self.prepare_query_bound(spec, query, &[], policy).await
+    }
+
+    /// Like [`Store::prepare_query`], with `$1`, `$2`, … in the query bound to `params` (sent
+    /// as text, typed by the server as the query needs). The values are part of the input:
+    /// the same query with other values is other input.
+    pub async fn prepare_query_bound(
+        &self,
+        spec: &BatchSpec,
+        query: &str,
+        params: &[String],
+        policy: &PreparePolicy,
+    ) -> Result<PrepareOutcome, StoreError> {
         validate_spec(spec)?;
         let query = query.trim().trim_end_matches(';').trim();
         if query.is_empty() {
             return Err(StoreError::Invalid("--from-query is empty".into()));
         }
-        let digest = load::hex(&Sha256::digest(format!("{}\0{query}", spec.id_field)));
+        let mut input = format!("{}\0{query}", spec.id_field);
+        for p in params {
+            input.push('\0');
+            input.push_str(p);
+        }
+        let digest = load::hex(&Sha256::digest(input));
         let mut retry = Retry::new(policy.retry_for);
         loop {
             let load = Load::Query {
                 query,
+                params,
+                digest: digest.clone(),
+            };
+            match self.prepare_once(spec, load, policy.lock_wait).await {
+                Err(e) if e.is_transient() && retry.wait(&spec.name, &e).await => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes a batch from exactly the failed records of batch `from`, as they are now.
+    pub async fn prepare_failed(
+        &self,
+        spec: &BatchSpec,
+        from: &str,
+        policy: &PreparePolicy,
+    ) -> Result<PrepareOutcome, StoreError> {
+        validate_spec(spec)?;
+        let digest = load::hex(&Sha256::digest(format!("failed\0{from}")));
+        let mut retry = Retry::new(policy.retry_for);
+        loop {
+            let load = Load::Failed {
+                from,
                 digest: digest.clone(),
             };
             match self.prepare_once(spec, load, policy.lock_wait).await {
@@ -267,7 +312,7 @@ impl Store {
                             .await
                             .map_err(|e| StoreError::Invalid(format!("reading the input: {e}")))??
                     }
-                    Load::Query { digest, .. } => digest,
+                    Load::Query { digest, .. } | Load::Failed { digest, .. } => digest,
                 };
                 return compare_existing(spec, existing, source, &digest);
             }
@@ -302,7 +347,14 @@ impl Store {
                     Ok(reader) => load::load_file(&sp, id, reader, options, progress).await,
                     Err(e) => Err(e),
                 },
-                Load::Query { query, digest } => load::load_query(&sp, id, spec, query)
+                Load::Query {
+                    query,
+                    params,
+                    digest,
+                } => load::load_query(&sp, id, spec, query, params)
+                    .await
+                    .map(|records| (records, digest)),
+                Load::Failed { from, digest } => load::load_failed(&sp, id, from)
                     .await
                     .map(|records| (records, digest)),
             };
@@ -378,14 +430,14 @@ impl Store {
                 let app: String = row.get(1);
                 let addr: String = row.get(2);
                 let since: String = row.get(3);
-                StoreError::Conflict(format!(
+                StoreError::Locked(format!(
                     "batch \"{name}\" is being prepared by another session: pid {pid}, \
                      application_name \"{app}\", client {addr}, in its transaction since \
                      {since}{waited}. If that process is gone, the server ends its session once \
                      it notices; `select pg_terminate_backend({pid})` ends it now"
                 ))
             }
-            None => StoreError::Conflict(format!(
+            None => StoreError::Locked(format!(
                 "batch \"{name}\" was being prepared by another session{waited}; that session \
                  has ended since: run prepare again"
             )),
