@@ -416,3 +416,77 @@ async fn serve_moves_a_run_forward_without_anyone_waiting() {
         10
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_killed_while_preparing_a_stage_is_relieved_by_another() {
+    let db = TestDb::new("pipeline_serve_kill").await;
+    let client = db.client().await;
+    let dir = TempDir::new("pipeline-serve-kill");
+    let file = dir.0.join("slow.yaml");
+    // Stage `slow` takes 3 s to prepare, long enough to kill its preparer in the middle.
+    std::fs::write(
+        &file,
+        "name: slow\nstages:\n  first:\n    queue: qa\n    from_query: select 'a' as id\n  \
+         slow:\n    queue: qb\n    depends_on: [first]\n    from_query: \"select g::text as id \
+         from generate_series(1, 1000) g, (select pg_sleep(3)) s\"\n",
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let (code, _, err) = coordinator_async(&db.url, &["pipeline", "run", &file]).await;
+    assert_eq!(code, 0, "{err}");
+    let mut serve_a = tally_tests::serve::start_serve(&db.url, &["--check-interval", "100ms"]);
+    let _workers = [
+        WorkerCmd::noop(&db.url, "qa").poll("100ms").start(),
+        WorkerCmd::noop(&db.url, "qb").poll("100ms").start(),
+    ];
+    poll_until(
+        "serve A preparing stage slow",
+        Duration::from_secs(30),
+        || async {
+            (query_i64(
+                &client,
+                "select count(*) from pg_stat_activity where datname = current_database() \
+               and query like '%pg_sleep(3)%' and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+                > 0)
+            .then_some(())
+        },
+    )
+    .await;
+    serve_a.child.signal(libc::SIGKILL);
+    serve_a
+        .child
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let _serve_b = tally_tests::serve::start_serve(&db.url, &["--check-interval", "100ms"]);
+    let state = poll_until(
+        "serve B to finish the run",
+        Duration::from_secs(60),
+        || async {
+            let state: String = client
+                .query_one("select state from tally.pipeline_run", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (state != "running").then_some(state)
+        },
+    )
+    .await;
+    assert_eq!(state, "succeeded");
+    assert_eq!(
+        query_i64(&client, "select count(*) from tally.batch", &[]).await,
+        2
+    );
+    let row = client
+        .query_one(
+            "select count(*), count(distinct record_id) from tally.record r \
+               join tally.batch b on b.id = r.batch_id where b.name = 'slow:slow'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1000, 1000));
+}
