@@ -336,12 +336,14 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
         } => purge(&connect(&db, true).await?, batches, interrupted).await,
         Command::Pipeline { command } => {
             // A bad file is reported before any connection is made.
-            if let pipeline::PipelineCommand::Run { file, .. } = &command {
-                if let Err(code) = pipeline::load(file) {
-                    return Ok(code);
-                }
-            }
-            pipeline::execute(&connect(&db, true).await?, command).await
+            let loaded = match &command {
+                pipeline::PipelineCommand::Run { file, .. } => match pipeline::load(file) {
+                    Ok(p) => Some(p),
+                    Err(code) => return Ok(code),
+                },
+                _ => None,
+            };
+            pipeline::execute(&connect(&db, true).await?, command, loaded).await
         }
         Command::RetryFailed {
             batch,

@@ -104,7 +104,12 @@ fn shown_params(pipeline: &Pipeline) -> String {
     }
 }
 
-pub async fn execute(store: &Store, command: PipelineCommand) -> Result<u8, StoreError> {
+/// Runs a pipeline command; `loaded` is the file of `run`, checked already.
+pub async fn execute(
+    store: &Store,
+    command: PipelineCommand,
+    loaded: Option<Pipeline>,
+) -> Result<u8, StoreError> {
     match command {
         PipelineCommand::Run {
             file,
@@ -114,9 +119,12 @@ pub async fn execute(store: &Store, command: PipelineCommand) -> Result<u8, Stor
             interval,
             new_version,
         } => {
-            let pipeline = match load(&file) {
-                Ok(p) => p,
-                Err(code) => return Ok(code),
+            let pipeline = match loaded {
+                Some(p) => p,
+                None => match load(&file) {
+                    Ok(p) => p,
+                    Err(code) => return Ok(code),
+                },
             };
             let params = parse_params(&pipeline, &params)?;
             let run = store
