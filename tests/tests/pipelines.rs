@@ -41,6 +41,19 @@ fn example_workers(url: &str) -> Vec<ChildGuard> {
     .collect()
 }
 
+/// Waits up to 60 s for the database's only run to end; returns its state.
+async fn run_ended(client: &tokio_postgres::Client, what: &str) -> String {
+    poll_until(what, Duration::from_secs(60), || async {
+        let state: String = client
+            .query_one("select state from tally.pipeline_run", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (state != "running").then_some(state)
+    })
+    .await
+}
+
 async fn stage_states(db: &TestDb) -> Vec<(String, String)> {
     let (code, out, err) = coordinator_async(&db.url, &["pipeline", "status", RUN, "--json"]).await;
     assert_eq!(code, 0, "{err}");
@@ -392,19 +405,7 @@ async fn serve_moves_a_run_forward_without_anyone_waiting() {
     .await;
     assert_eq!(code, 0, "{err}");
     let _serve = tally_tests::serve::start_serve(&db.url, &["--check-interval", "200ms"]);
-    poll_until(
-        "serve to finish the run",
-        Duration::from_secs(60),
-        || async {
-            let state: String = client
-                .query_one("select state from tally.pipeline_run", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (state != "running").then_some(state)
-        },
-    )
-    .await;
+    run_ended(&client, "serve to finish the run").await;
     let states = stage_states(&db).await;
     assert_eq!(
         states.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>(),
@@ -462,19 +463,7 @@ async fn a_serve_killed_while_preparing_a_stage_is_relieved_by_another() {
         .await
         .unwrap();
     let _serve_b = tally_tests::serve::start_serve(&db.url, &["--check-interval", "100ms"]);
-    let state = poll_until(
-        "serve B to finish the run",
-        Duration::from_secs(60),
-        || async {
-            let state: String = client
-                .query_one("select state from tally.pipeline_run", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (state != "running").then_some(state)
-        },
-    )
-    .await;
+    let state = run_ended(&client, "serve B to finish the run").await;
     assert_eq!(state, "succeeded");
     assert_eq!(
         query_i64(&client, "select count(*) from tally.batch", &[]).await,
