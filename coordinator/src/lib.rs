@@ -1,6 +1,7 @@
 //! The coordinator's commands, callable from tests as well as from `main`.
 
 mod alerts;
+mod metrics;
 mod output;
 mod pipeline;
 mod serve;
@@ -337,10 +338,13 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
         Command::Pipeline { command } => {
             // A bad file is reported before any connection is made.
             let loaded = match &command {
-                pipeline::PipelineCommand::Run { file, .. } => match pipeline::load(file) {
-                    Ok(p) => Some(p),
-                    Err(code) => return Ok(code),
-                },
+                pipeline::PipelineCommand::Run { file, .. }
+                | pipeline::PipelineCommand::Backfill(pipeline::BackfillArgs { file, .. }) => {
+                    match pipeline::load(file) {
+                        Ok(p) => Some(p),
+                        Err(code) => return Ok(code),
+                    }
+                }
                 _ => None,
             };
             pipeline::execute(&connect(&db, true).await?, command, loaded).await

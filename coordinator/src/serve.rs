@@ -3,20 +3,17 @@
 //! observations and deliveries are coordinated in PostgreSQL.
 
 use crate::alerts::{self, Deliverer};
+use crate::metrics::{render, ServeMetrics};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use clap::Args;
-use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally::heartbeat::Heartbeat;
-use tally::store::progress::{AlertTargets, ObserveSettings, Scrape, BATCH_STATES};
+use tally::store::progress::{AlertTargets, ObserveSettings};
 use tally::store::ConnectOptions;
 use tally::{Store, StoreError};
 use tokio::sync::OnceCell;
@@ -91,41 +88,6 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_ALERT_LEASE", default_value = DEFAULT_ALERT_LEASE,
           value_parser = humantime::parse_duration)]
     alert_lease: Duration,
-}
-
-/// Metrics that outlive one scrape.
-struct ServeMetrics {
-    scrape_seconds: Histogram,
-    alerts_raised: IntCounterVec,
-    deliveries: IntCounterVec,
-}
-
-impl ServeMetrics {
-    fn new() -> Result<ServeMetrics, prometheus::Error> {
-        Ok(ServeMetrics {
-            scrape_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "tally_serve_scrape_duration_seconds",
-                    "Database time of one /metrics scrape",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14)?),
-            )?,
-            alerts_raised: IntCounterVec::new(
-                Opts::new(
-                    "tally_serve_alerts_raised_total",
-                    "Alerts raised by this replica's observations, by event",
-                ),
-                &["event"],
-            )?,
-            deliveries: IntCounterVec::new(
-                Opts::new(
-                    "tally_serve_alert_deliveries_total",
-                    "Webhook delivery attempts by this replica, by result (sent, retried, failed)",
-                ),
-                &["result"],
-            )?,
-        })
-    }
 }
 
 /// What the HTTP handlers share with the background loop.
@@ -333,100 +295,6 @@ async fn metrics_endpoint(
     )
 }
 
-/// The text format of one scrape. `None`: the database could not be read (`tally_serve_up`
-/// 0, no batch series).
-fn render(scrape: Option<&Scrape>, m: &ServeMetrics) -> Result<String, prometheus::Error> {
-    let registry = Registry::new();
-    let batch_labels = ["batch", "queue"];
-    let records = IntGaugeVec::new(
-        Opts::new("tally_batch_records", "Records of a batch by state"),
-        &["batch", "queue", "state"],
-    )?;
-    let expected = IntGaugeVec::new(
-        Opts::new("tally_batch_records_expected", "Records in a batch"),
-        &batch_labels,
-    )?;
-    let state = IntGaugeVec::new(
-        Opts::new(
-            "tally_batch_state",
-            "1 for the batch's current state (as `coordinator status` names it), 0 for the others",
-        ),
-        &["batch", "queue", "state"],
-    )?;
-    let ratio = GaugeVec::new(
-        Opts::new(
-            "tally_batch_completion_ratio",
-            "(complete + failed) / total records of a batch",
-        ),
-        &batch_labels,
-    )?;
-    let oldest = GaugeVec::new(
-        Opts::new(
-            "tally_batch_oldest_pending_age_seconds",
-            "How long the first record in claim order has been due; 0 when none is pending",
-        ),
-        &batch_labels,
-    )?;
-    let breaker = IntGaugeVec::new(
-        Opts::new(
-            "tally_queue_breaker_open",
-            "1 while the queue's circuit breaker is open or half open",
-        ),
-        &["queue"],
-    )?;
-    let up = IntGauge::new("tally_serve_up", "1 if this scrape could read the database")?;
-    for c in [&records, &expected, &state, &breaker] {
-        registry.register(Box::new(c.clone()))?;
-    }
-    registry.register(Box::new(ratio.clone()))?;
-    registry.register(Box::new(oldest.clone()))?;
-    registry.register(Box::new(up.clone()))?;
-    registry.register(Box::new(m.scrape_seconds.clone()))?;
-    registry.register(Box::new(m.alerts_raised.clone()))?;
-    registry.register(Box::new(m.deliveries.clone()))?;
-    if let Some(scrape) = scrape {
-        up.set(1);
-        let mut queues: Vec<(&str, bool)> = scrape
-            .breakers
-            .iter()
-            .map(|b| (b.queue.as_str(), b.state != "closed"))
-            .collect();
-        for b in &scrape.batches {
-            let l = [b.batch.as_str(), b.queue.as_str()];
-            let c = &b.counts;
-            for (name, n) in [
-                ("pending", c.pending),
-                ("running", c.running),
-                ("complete", c.complete),
-                ("failed", c.failed),
-                ("cancelled", c.cancelled),
-            ] {
-                records.with_label_values(&[l[0], l[1], name]).set(n);
-            }
-            expected.with_label_values(&l).set(b.total);
-            let current = b.state();
-            for s in BATCH_STATES {
-                state
-                    .with_label_values(&[l[0], l[1], s])
-                    .set(i64::from(*s == current));
-            }
-            ratio.with_label_values(&l).set(b.completion_ratio());
-            oldest
-                .with_label_values(&l)
-                .set(b.oldest_pending_age_s.unwrap_or(0.0));
-            if !queues.iter().any(|(q, _)| *q == b.queue) {
-                queues.push((b.queue.as_str(), false));
-            }
-        }
-        for (queue, open) in queues {
-            breaker.with_label_values(&[queue]).set(i64::from(open));
-        }
-    }
-    let mut out = Vec::new();
-    prometheus::TextEncoder::new().encode(&registry.gather(), &mut out)?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
 async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
     if shared.loop_beat.silent_for() < shared.liveness_window {
         (StatusCode::OK, "ok\n")
@@ -467,51 +335,6 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally::store::progress::{BatchProgress, QueueBreaker, StateCounts};
-
-    #[test]
-    fn renders_every_series_of_a_batch_and_its_queue() {
-        let m = ServeMetrics::new().unwrap();
-        let scrape = Scrape {
-            batches: vec![BatchProgress {
-                batch: "b-1".into(),
-                queue: "q".into(),
-                stored_state: "ready".into(),
-                paused_reason: None,
-                total: 10,
-                counts: StateCounts {
-                    pending: 4,
-                    running: 1,
-                    complete: 4,
-                    failed: 1,
-                    cancelled: 0,
-                },
-                started: true,
-                oldest_pending_age_s: Some(2.5),
-            }],
-            breakers: vec![QueueBreaker {
-                queue: "other".into(),
-                state: "open".into(),
-            }],
-        };
-        let text = render(Some(&scrape), &m).unwrap();
-        for line in [
-            r#"tally_batch_records{batch="b-1",queue="q",state="complete"} 4"#,
-            r#"tally_batch_records_expected{batch="b-1",queue="q"} 10"#,
-            r#"tally_batch_state{batch="b-1",queue="q",state="running"} 1"#,
-            r#"tally_batch_state{batch="b-1",queue="q",state="ready"} 0"#,
-            r#"tally_batch_completion_ratio{batch="b-1",queue="q"} 0.5"#,
-            r#"tally_batch_oldest_pending_age_seconds{batch="b-1",queue="q"} 2.5"#,
-            r#"tally_queue_breaker_open{queue="other"} 1"#,
-            r#"tally_queue_breaker_open{queue="q"} 0"#,
-            "tally_serve_up 1",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
-        }
-        let down = render(None, &m).unwrap();
-        assert!(down.lines().any(|l| l == "tally_serve_up 0"));
-        assert!(!down.contains("tally_batch_records{"));
-    }
 
     #[test]
     fn webhook_flags_keep_their_commas_and_the_env_list_is_split() {

@@ -1,4 +1,5 @@
--- Ends a run. $1 run id, $2 'succeeded' or 'failed'
+-- Ends a run. clock_timestamp(): a backfill compares it with the start of the run after it.
+-- $1 run id, $2 'succeeded' or 'failed'
 update tally.pipeline_run
-   set state = $2, finished_at = now(), updated_at = now()
+   set state = $2, finished_at = clock_timestamp(), updated_at = now()
  where id = $1 and state = 'running'

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use tally::Store;
 
+pub mod pipelines;
 pub mod serve;
 
 /// Admin URL of the server tests run against (set by `scripts/test.sh`).

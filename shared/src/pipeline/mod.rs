@@ -5,6 +5,7 @@
 pub mod params;
 pub mod parse;
 pub mod plan;
+pub mod window;
 
 use serde::{Deserialize, Serialize};
 

@@ -179,10 +179,22 @@ pub fn run_name(pipeline: &str, order: &[String], params: &Params) -> String {
     }
 }
 
-/// The batch of a stage: `pipeline:values:stage`, within the batch name rules. Values that
-/// are not plain, or a name that would be too long, are replaced by a digest of the run's
-/// name, so that two runs never share a batch.
-pub fn batch_name(pipeline: &str, order: &[String], params: &Params, stage: &str) -> String {
+/// The batch of a stage: `pipeline:values:stage`, within the batch name rules, and `:rN` after
+/// it from the run's second attempt on (a rerun prepares new batches). Values that are not
+/// plain, or a name that would be too long, are replaced by a digest of the run's name, so
+/// that two runs never share a batch.
+pub fn batch_name(
+    pipeline: &str,
+    order: &[String],
+    params: &Params,
+    stage: &str,
+    attempt: i32,
+) -> String {
+    let stage = if attempt > 1 {
+        format!("{stage}:r{attempt}")
+    } else {
+        stage.to_string()
+    };
     let values: Vec<&str> = order
         .iter()
         .map(|k| params.get(k).map(String::as_str).unwrap_or(""))
@@ -243,15 +255,20 @@ mod tests {
             "nightly-orders/date=2024-06-01"
         );
         assert_eq!(
-            batch_name("nightly-orders", &order, &p, "load"),
+            batch_name("nightly-orders", &order, &p, "load", 1),
             "nightly-orders:2024-06-01:load"
+        );
+        assert_eq!(
+            batch_name("nightly-orders", &order, &p, "load", 2),
+            "nightly-orders:2024-06-01:load:r2"
         );
         p.insert("date".into(), "'; drop table x; --".into());
         assert_eq!(
             run_name("n", &order, &p),
             "n/date=%27%3B%20drop%20table%20x%3B%20--"
         );
-        let b = batch_name("n", &order, &p, "load");
+        let b = batch_name("n", &order, &p, "load", 3);
+        assert!(b.ends_with(":load:r3"), "{b}");
         assert!(crate::names::validate_name("batch", &b).is_ok(), "{b}");
         for bad in ["../../etc/passwd", "..", ""] {
             p.insert("date".into(), bad.into());

@@ -23,6 +23,20 @@ pub enum StageState {
     UpstreamFailed,
 }
 
+/// Every stage state, for metrics that list them all.
+pub const STAGE_STATES: &[&str] = &[
+    "waiting",
+    "preparing",
+    "running",
+    "succeeded",
+    "failed",
+    "skipped",
+    "upstream_failed",
+];
+
+/// Every run state.
+pub const RUN_STATES: &[&str] = &["queued", "running", "succeeded", "failed"];
+
 impl StageState {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -45,6 +45,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             "/../sql/migrations/0005_pipelines.sql"
         )),
     ),
+    (
+        6,
+        "0006_pipeline_backfills",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0006_pipeline_backfills.sql"
+        )),
+    ),
 ];
 
 pub(super) fn latest_version() -> i32 {

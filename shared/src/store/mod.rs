@@ -5,6 +5,7 @@ mod batch;
 mod connect;
 mod load;
 mod migrate;
+mod observe;
 pub mod pipeline;
 mod prepare;
 pub mod progress;

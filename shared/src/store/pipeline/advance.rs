@@ -1,11 +1,13 @@
 //! Advancing runs: stage outcomes from their batches, `run_if` decisions, and preparing the
 //! stages that may start.
 
+use super::alerts::{self, RunAlert};
+use super::watermark::advance_watermark;
 use super::{stages_of, StageStatus};
 use crate::error::StoreError;
 use crate::input::{Format, DEFAULT_MAX_PAYLOAD_BYTES};
 use crate::model::BatchSpec;
-use crate::pipeline::params::{batch_name, bind_placeholders, fill_path, Params};
+use crate::pipeline::params::{bind_placeholders, fill_path, Params};
 use crate::pipeline::plan::{decide, within_tolerance, Decision, StageState};
 use crate::pipeline::{Pipeline, Stage, StageInput};
 use crate::store::{sql, PrepareInput, PreparePolicy, Store};
@@ -15,8 +17,10 @@ use std::time::Duration;
 const RUNS_PER_PASS: i64 = 100;
 
 impl Store {
-    /// One pass over unfinished runs; returns how many were looked at. For `serve`.
+    /// One pass over unfinished backfills and runs; returns how many runs were looked at.
+    /// For `serve`, and the foreground of `pipeline backfill --wait`.
     pub async fn advance_pipelines(&self) -> Result<usize, StoreError> {
+        self.promote_backfills().await?;
         let client = self.client().await?;
         let ids: Vec<i64> = client
             .query(sql!("pipeline_runs_running"), &[&RUNS_PER_PASS])
@@ -31,6 +35,8 @@ impl Store {
                 tracing::warn!(run = id, "advancing a pipeline run: {e}");
             }
         }
+        // Runs that ended in this pass make room for queued ones at once.
+        self.promote_backfills().await?;
         Ok(ids.len())
     }
 
@@ -57,10 +63,25 @@ impl Store {
         if state != "running" {
             return Ok(Some(state));
         }
+        let reprocess: Option<String> = row.get(6);
+        if reprocess.as_deref() == Some("repair") {
+            // A backfill started it to be repaired, and the repair did not happen yet.
+            drop(tx);
+            drop(client);
+            self.repair_run(run_id, None).await?;
+            return Ok(Some("running".into()));
+        }
         let pipeline: Pipeline = serde_json::from_value(row.get(2)).map_err(|e| {
             StoreError::Invalid(format!("run {run_name}: stored definition unreadable: {e}"))
         })?;
         let params: Params = serde_json::from_value(row.get(3)).unwrap_or_default();
+        let pipeline_name: String = row.get(4);
+        let run = RunAlert {
+            id: run_id,
+            name: &run_name,
+            pipeline: &pipeline_name,
+            episode: row.get(5),
+        };
         let mut stages: Vec<StageStatus> = stages_of(&*tx, run_id).await?;
         let changes = settle(&pipeline, &mut stages);
         for (stage, state, reason) in &changes {
@@ -70,6 +91,16 @@ impl Store {
             )
             .await
             .map_err(|e| StoreError::db(ctx, e))?;
+            if *state == StageState::Failed {
+                let status = stages.iter().find(|s| &s.stage == stage);
+                let queue = pipeline
+                    .stage(stage)
+                    .map(|d| d.queue.as_str())
+                    .unwrap_or("");
+                let batch = status.map(|s| s.batch.as_str()).unwrap_or("");
+                alerts::stage_failed(&*tx, &run, stage, queue, batch, reason.as_deref(), status)
+                    .await?;
+            }
         }
         let all_done = stages.iter().all(|s| s.state().is_done());
         let mut run_state = "running".to_string();
@@ -81,12 +112,23 @@ impl Store {
             tx.execute(sql!("pipeline_run_finish"), &[&run_id, &run_state])
                 .await
                 .map_err(|e| StoreError::db(ctx, e))?;
+            alerts::run_ended(&*tx, &run, &run_state, &stages).await?;
+            if run_state == "succeeded" {
+                advance_watermark(&tx, &pipeline_name).await?;
+            }
         }
         tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
         drop(client);
         for stage in stages.iter().filter(|s| s.state() == StageState::Preparing) {
             if let Some(def) = pipeline.stage(&stage.stage) {
-                self.prepare_stage(run_id, &pipeline, &params, def, &stage.batch)
+                let source = match &def.input {
+                    StageInput::Failed(from) => stages
+                        .iter()
+                        .find(|s| &s.stage == from)
+                        .map(|s| s.batch.clone()),
+                    _ => None,
+                };
+                self.prepare_stage(&run, &params, def, &stage.batch, source.as_deref())
                     .await?;
             }
         }
@@ -97,11 +139,11 @@ impl Store {
     /// batch another process is preparing right now is left to it.
     async fn prepare_stage(
         &self,
-        run_id: i64,
-        pipeline: &Pipeline,
+        run: &RunAlert<'_>,
         params: &Params,
         stage: &Stage,
         batch: &str,
+        source: Option<&str>,
     ) -> Result<(), StoreError> {
         let spec = BatchSpec {
             name: batch.to_string(),
@@ -142,10 +184,12 @@ impl Store {
                 }
                 Err(e) => Err(StoreError::Invalid(e)),
             },
-            StageInput::Failed(from) => {
-                let source = batch_name(&pipeline.name, &pipeline.params, params, from);
-                self.prepare_failed(&spec, &source, &policy).await
-            }
+            StageInput::Failed(from) => match source {
+                Some(source) => self.prepare_failed(&spec, source, &policy).await,
+                None => Err(StoreError::Invalid(format!(
+                    "the run has no stage {from:?}"
+                ))),
+            },
         };
         let (state, reason) = match result {
             Ok(_) => ("running", None),
@@ -157,14 +201,32 @@ impl Store {
             }
             Err(e) => ("failed", Some(format!("prepare failed: {e}"))),
         };
-        let client = self.client().await?;
-        client
+        let ctx = "recording a prepared stage";
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| StoreError::db(ctx, e))?;
+        let moved = tx
             .execute(
                 sql!("pipeline_stage_prepared"),
-                &[&run_id, &stage.name, &state, &reason],
+                &[&run.id, &stage.name, &state, &reason],
             )
             .await
-            .map_err(|e| StoreError::db("recording a prepared stage", e))?;
+            .map_err(|e| StoreError::db(ctx, e))?;
+        if moved == 1 && state == "failed" {
+            alerts::stage_failed(
+                &*tx,
+                run,
+                &stage.name,
+                &stage.queue,
+                batch,
+                reason.as_deref(),
+                None,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
         Ok(())
     }
 }

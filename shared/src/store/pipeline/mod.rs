@@ -4,15 +4,22 @@
 //! prepared under the batch's own prepare lock, so none is prepared twice.
 
 mod advance;
+mod alerts;
+mod backfill;
 mod repair;
+mod scrape;
+mod watermark;
 
+pub use backfill::{Backfill, BackfillAction, BackfillRequest, Reprocess};
 pub use repair::Repair;
+pub use scrape::{PipelineScrape, StageProgress, MAX_REPORTED_RUNS};
+pub use watermark::NextWindow;
 
 use super::{sql, Store};
 use crate::error::StoreError;
 use crate::pipeline::params::{batch_name, run_name, Params};
 use crate::pipeline::plan::StageState;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{window, Pipeline};
 use serde::Serialize;
 
 /// The run that `pipeline run` started or attached to.
@@ -109,103 +116,208 @@ fn params_json(params: &Params) -> serde_json::Value {
     )
 }
 
+/// What to do with a run that exists already.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Accept a changed definition as the pipeline's next version.
+    pub new_version: bool,
+    /// Run an ended run again from scratch, into new batches.
+    pub reprocess: bool,
+}
+
+/// Records the pipeline's definition, locks it until the transaction ends, and returns its
+/// version: refused when the definition changed, unless `new_version`.
+async fn define(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pipeline: &Pipeline,
+    definition: &serde_json::Value,
+    new_version: bool,
+) -> Result<i32, StoreError> {
+    let ctx = "recording the pipeline";
+    let digest = pipeline.digest();
+    tx.execute(
+        sql!("pipeline_define"),
+        &[&pipeline.name, &digest, definition],
+    )
+    .await
+    .map_err(|e| StoreError::db(ctx, e))?;
+    let row = tx
+        .query_one(sql!("pipeline_lock"), &[&pipeline.name])
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    let (version, stored): (i32, String) = (row.get(0), row.get(1));
+    if stored == digest {
+        return Ok(version);
+    }
+    if !new_version {
+        return Err(StoreError::Conflict(format!(
+            "pipeline {:?} has changed since version {version} was run: run it with \
+             --new-version to start version {}, or restore the file",
+            pipeline.name,
+            version + 1
+        )));
+    }
+    Ok(tx
+        .query_one(
+            sql!("pipeline_new_version"),
+            &[&pipeline.name, &digest, definition],
+        )
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?
+        .get(0))
+}
+
+/// Creates the stages of a run's attempt, all waiting.
+async fn create_stages(
+    tx: &deadpool_postgres::Transaction<'_>,
+    run_id: i64,
+    pipeline: &Pipeline,
+    params: &Params,
+    attempt: i32,
+) -> Result<(), StoreError> {
+    let stages: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+    let batches: Vec<String> = pipeline
+        .stages
+        .iter()
+        .map(|s| batch_name(&pipeline.name, &pipeline.params, params, &s.name, attempt))
+        .collect();
+    let deps: Vec<serde_json::Value> = pipeline
+        .stages
+        .iter()
+        .map(|s| serde_json::json!(s.depends_on))
+        .collect();
+    tx.execute(
+        sql!("pipeline_stage_create"),
+        &[&run_id, &stages, &batches, &deps],
+    )
+    .await
+    .map_err(|e| StoreError::db("creating the run's stages", e))?;
+    Ok(())
+}
+
+/// Creates the run of `params` in `state` (`running`, or `queued` by a backfill), or finds the
+/// one that exists (locked until the transaction ends).
+async fn create_run(
+    tx: &deadpool_postgres::Transaction<'_>,
+    pipeline: &Pipeline,
+    params: &Params,
+    version: i32,
+    definition: &serde_json::Value,
+    state: &str,
+    backfill: Option<i64>,
+) -> Result<RunRef, StoreError> {
+    let ctx = "starting the pipeline run";
+    let name = run_name(&pipeline.name, &pipeline.params, params);
+    let window = window::kind(pipeline).and_then(|k| window::of_run(k, params));
+    let (start, end) = (window.map(|w| w.start_sql()), window.map(|w| w.end_sql()));
+    let json = params_json(params);
+    let created = tx
+        .query_opt(
+            sql!("pipeline_run_create"),
+            &[
+                &pipeline.name,
+                &json,
+                &name,
+                &version,
+                definition,
+                &state,
+                &backfill,
+                &start,
+                &end,
+            ],
+        )
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    if let Some(row) = created {
+        let id: i64 = row.get(0);
+        create_stages(tx, id, pipeline, params, 1).await?;
+        return Ok(RunRef {
+            id,
+            name,
+            state: state.into(),
+            created: true,
+        });
+    }
+    let row = tx
+        .query_one(sql!("pipeline_run_get"), &[&pipeline.name, &json])
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    Ok(RunRef {
+        id: row.get(0),
+        name: row.get(1),
+        state: row.get(2),
+        created: false,
+    })
+}
+
+/// Starts an ended run again from scratch: a new attempt whose stages prepare new batches,
+/// under the pipeline's current version.
+#[allow(clippy::too_many_arguments)]
+async fn rerun(
+    tx: &deadpool_postgres::Transaction<'_>,
+    run_id: i64,
+    pipeline: &Pipeline,
+    params: &Params,
+    version: i32,
+    definition: &serde_json::Value,
+    state: &str,
+    backfill: Option<i64>,
+) -> Result<(), StoreError> {
+    let ctx = "starting the run again";
+    let attempt: i32 = tx
+        .query_one(
+            sql!("pipeline_run_rerun"),
+            &[&run_id, &state, &version, definition, &backfill],
+        )
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?
+        .get(0);
+    tx.execute(sql!("pipeline_stages_clear"), &[&run_id])
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    tx.execute(sql!("pipeline_watermark_lower"), &[&run_id])
+        .await
+        .map_err(|e| StoreError::db(ctx, e))?;
+    create_stages(tx, run_id, pipeline, params, attempt).await
+}
+
 impl Store {
-    /// Starts the run of `pipeline` with `params`, or finds the one that exists. A pipeline
-    /// whose definition changed since its last run is refused unless `new_version`.
+    /// Starts the run of `pipeline` with `params`, or finds the one that exists; with
+    /// `reprocess`, an ended run starts again from scratch. A pipeline whose definition
+    /// changed since its last run is refused unless `new_version`.
     pub async fn pipeline_start(
         &self,
         pipeline: &Pipeline,
         params: &Params,
-        new_version: bool,
+        options: StartOptions,
     ) -> Result<RunRef, StoreError> {
         let ctx = "starting the pipeline run";
         let definition = serde_json::to_value(pipeline)
             .map_err(|e| StoreError::Invalid(format!("pipeline definition: {e}")))?;
-        let digest = pipeline.digest();
-        let name = run_name(&pipeline.name, &pipeline.params, params);
-        let params = params_json(params);
         let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(|e| StoreError::db(ctx, e))?;
-        tx.execute(
-            sql!("pipeline_define"),
-            &[&pipeline.name, &digest, &definition],
-        )
-        .await
-        .map_err(|e| StoreError::db(ctx, e))?;
-        let row = tx
-            .query_one(sql!("pipeline_lock"), &[&pipeline.name])
-            .await
-            .map_err(|e| StoreError::db(ctx, e))?;
-        let (mut version, stored): (i32, String) = (row.get(0), row.get(1));
-        if stored != digest {
-            if !new_version {
-                return Err(StoreError::Conflict(format!(
-                    "pipeline {:?} has changed since version {version} was run: run it with \
-                     --new-version to start version {}, or restore the file",
-                    pipeline.name,
-                    version + 1
-                )));
-            }
-            version = tx
-                .query_one(
-                    sql!("pipeline_new_version"),
-                    &[&pipeline.name, &digest, &definition],
-                )
-                .await
-                .map_err(|e| StoreError::db(ctx, e))?
-                .get(0);
-        }
-        let created = tx
-            .query_opt(
-                sql!("pipeline_run_create"),
-                &[&pipeline.name, &params, &name, &version, &definition],
+        let version = define(&tx, pipeline, &definition, options.new_version).await?;
+        let mut run =
+            create_run(&tx, pipeline, params, version, &definition, "running", None).await?;
+        if !run.created && options.reprocess && matches!(run.state.as_str(), "succeeded" | "failed")
+        {
+            rerun(
+                &tx,
+                run.id,
+                pipeline,
+                params,
+                version,
+                &definition,
+                "running",
+                None,
             )
-            .await
-            .map_err(|e| StoreError::db(ctx, e))?;
-        let run = match created {
-            Some(row) => {
-                let id: i64 = row.get(0);
-                let values: Params = serde_json::from_value(params.clone()).unwrap_or_default();
-                let stages: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-                let batches: Vec<String> = pipeline
-                    .stages
-                    .iter()
-                    .map(|s| batch_name(&pipeline.name, &pipeline.params, &values, &s.name))
-                    .collect();
-                let deps: Vec<serde_json::Value> = pipeline
-                    .stages
-                    .iter()
-                    .map(|s| serde_json::json!(s.depends_on))
-                    .collect();
-                tx.execute(
-                    sql!("pipeline_stage_create"),
-                    &[&id, &stages, &batches, &deps],
-                )
-                .await
-                .map_err(|e| StoreError::db(ctx, e))?;
-                RunRef {
-                    id,
-                    name,
-                    state: "running".into(),
-                    created: true,
-                }
-            }
-            None => {
-                let row = tx
-                    .query_one(sql!("pipeline_run_get"), &[&pipeline.name, &params])
-                    .await
-                    .map_err(|e| StoreError::db(ctx, e))?;
-                RunRef {
-                    id: row.get(0),
-                    name: row.get(1),
-                    state: row.get(2),
-                    created: false,
-                }
-            }
-        };
+            .await?;
+            run.state = "running".into();
+            run.created = true;
+        }
         tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
         Ok(run)
     }

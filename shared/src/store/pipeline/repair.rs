@@ -16,11 +16,20 @@ impl Store {
         run: &str,
         only: Option<&str>,
     ) -> Result<Repair, StoreError> {
-        let ctx = "repairing the pipeline run";
         let id = self
             .pipeline_run_id(run)
             .await?
             .ok_or_else(|| StoreError::Invalid(format!("pipeline run {run:?} does not exist")))?;
+        self.repair_run(id, only).await
+    }
+
+    /// Repairs the run `id` (see [`Store::pipeline_repair`]).
+    pub(super) async fn repair_run(
+        &self,
+        id: i64,
+        only: Option<&str>,
+    ) -> Result<Repair, StoreError> {
+        let ctx = "repairing the pipeline run";
         let mut client = self.client().await?;
         let tx = client
             .transaction()
@@ -30,6 +39,7 @@ impl Store {
             .query_one(sql!("pipeline_run_lock_wait"), &[&id])
             .await
             .map_err(|e| StoreError::db(ctx, e))?;
+        let run: String = row.get(1);
         let pipeline: Pipeline = serde_json::from_value(row.get(0)).map_err(|e| {
             StoreError::Invalid(format!("run {run}: stored definition unreadable: {e}"))
         })?;
@@ -81,6 +91,10 @@ impl Store {
         }
         if !repair.stages.is_empty() {
             tx.execute(sql!("pipeline_run_reopen"), &[&id])
+                .await
+                .map_err(|e| StoreError::db(ctx, e))?;
+        } else {
+            tx.execute(sql!("pipeline_run_repaired"), &[&id])
                 .await
                 .map_err(|e| StoreError::db(ctx, e))?;
         }

@@ -1,12 +1,18 @@
-//! `coordinator pipeline`: start a run and follow it, and show a run's stages.
+//! `coordinator pipeline`: start a run and follow it, backfill a range, and show a run's
+//! stages.
+
+mod backfill;
+
+pub use backfill::BackfillArgs;
 
 use crate::{exit, output};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tally::pipeline::params::Params;
+use tally::pipeline::window;
 use tally::pipeline::{Pipeline, PipelineError};
-use tally::store::pipeline::RunStatus;
+use tally::store::pipeline::{RunStatus, StartOptions};
 use tally::{Store, StoreError};
 
 #[derive(Subcommand, Debug)]
@@ -19,6 +25,18 @@ pub enum PipelineCommand {
         /// A parameter of the run, NAME=VALUE; one per name the file's `params` lists.
         #[arg(long = "param", value_name = "NAME=VALUE")]
         params: Vec<String>,
+        /// Run the window after the pipeline's watermark (the end of the latest window up to
+        /// which every run succeeded), instead of --param.
+        #[arg(long, conflicts_with = "params")]
+        next: bool,
+        /// With --next, the length of a window_start/window_end window (e.g. 1h); by default
+        /// that of the window that ended at the watermark.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "next")]
+        step: Option<Duration>,
+        /// Run a window that already ended (succeeded or failed) again from scratch, into new
+        /// batches.
+        #[arg(long)]
+        reprocess: bool,
         /// Follow the run until it ends. Exit 0: succeeded; 3: failed; 4: --timeout passed.
         #[arg(long)]
         wait: bool,
@@ -32,6 +50,10 @@ pub enum PipelineCommand {
         #[arg(long)]
         new_version: bool,
     },
+    /// One run per date (or per --step window) of a range, at most --max-active at once;
+    /// windows whose run exists are skipped unless --reprocess says otherwise. `coordinator
+    /// serve` (or --wait) starts the queued runs as others end.
+    Backfill(backfill::BackfillArgs),
     /// Redo only what failed: the failed records of failed stages go back to pending, and
     /// the stages after them that did not run wait again. Succeeded stages are not touched.
     Repair {
@@ -63,6 +85,15 @@ fn report_file(e: &PipelineError) -> u8 {
 
 /// `--param` values checked against the pipeline's `params`.
 pub fn parse_params(pipeline: &Pipeline, given: &[String]) -> Result<Params, StoreError> {
+    parse_some_params(pipeline, given, &pipeline.params)
+}
+
+/// `--param` values checked against the pipeline's `params`; `required` must all be given.
+pub fn parse_some_params(
+    pipeline: &Pipeline,
+    given: &[String],
+    required: &[String],
+) -> Result<Params, StoreError> {
     let mut params = Params::new();
     let mut problems = Vec::new();
     for raw in given {
@@ -80,7 +111,7 @@ pub fn parse_params(pipeline: &Pipeline, given: &[String]) -> Result<Params, Sto
             problems.push(format!("--param {name} is given twice"));
         }
     }
-    for name in &pipeline.params {
+    for name in required {
         if !params.contains_key(name) {
             problems.push(format!(
                 "missing --param {name}=VALUE: pipeline {} binds {} on every run",
@@ -114,6 +145,9 @@ pub async fn execute(
         PipelineCommand::Run {
             file,
             params,
+            next,
+            step,
+            reprocess,
             wait,
             timeout,
             interval,
@@ -126,20 +160,44 @@ pub async fn execute(
                     Err(code) => return Ok(code),
                 },
             };
-            let params = parse_params(&pipeline, &params)?;
-            let run = store
-                .pipeline_start(&pipeline, &params, new_version)
-                .await?;
+            let params = if next {
+                let next = store.pipeline_next(&pipeline, step).await?;
+                let kind = window::kind(&pipeline).unwrap_or(window::WindowKind::Daily);
+                eprintln!(
+                    "watermark of {} is {}: running the window that follows it",
+                    pipeline.name, next.watermark
+                );
+                window::params_of(kind, &next.window, &Params::new())
+            } else {
+                parse_params(&pipeline, &params)?
+            };
+            let options = StartOptions {
+                new_version,
+                reprocess,
+            };
+            let run = store.pipeline_start(&pipeline, &params, options).await?;
             println!("{}", run.name);
             match (run.created, run.state.as_str()) {
                 (true, _) => eprintln!("run {} started", run.name),
                 (false, "running") => eprintln!("run {} is running: attached to it", run.name),
+                (false, "queued") => eprintln!(
+                    "run {} is queued by a backfill: attached to it; it starts when the \
+                     backfill has room",
+                    run.name
+                ),
                 (false, "succeeded") => {
-                    eprintln!("run {} has already succeeded; nothing to do", run.name);
+                    eprintln!(
+                        "run {} has already succeeded; nothing to do (--reprocess runs it again)",
+                        run.name
+                    );
                     return Ok(exit::OK);
                 }
                 (false, state) => {
-                    eprintln!("run {} has already ended: {state}", run.name);
+                    eprintln!(
+                        "run {} has already ended: {state} (`pipeline repair` redoes its failed \
+                         records; --reprocess runs it again from scratch)",
+                        run.name
+                    );
                     return Ok(if wait {
                         exit::FINISHED_WITH_FAILURES
                     } else {
@@ -152,6 +210,16 @@ pub async fn execute(
                 return Ok(exit::OK);
             }
             follow(store, run.id, &run.name, timeout, interval).await
+        }
+        PipelineCommand::Backfill(args) => {
+            let pipeline = match loaded {
+                Some(p) => p,
+                None => match load(&args.file) {
+                    Ok(p) => p,
+                    Err(code) => return Ok(code),
+                },
+            };
+            backfill::execute(store, &pipeline, args).await
         }
         PipelineCommand::Repair { run, stage } => {
             let repair = store.pipeline_repair(&run, stage.as_deref()).await?;
