@@ -1,4 +1,4 @@
--- A run started again from scratch: a new attempt, whose stages get new batches, under the
+-- A run that ended, started again from scratch: a new attempt, whose stages get new batches, under the
 -- pipeline's current version. $1 run id, $2 state ('running', or 'queued' by a backfill),
 -- $3 version, $4 definition, $5 backfill id (or null)
 update tally.pipeline_run
@@ -6,5 +6,5 @@ update tally.pipeline_run
        definition = $4, backfill_id = coalesce($5, backfill_id), reprocess = null,
        finished_at = null, updated_at = now(),
        started_at = case when $2 = 'running' then now() else started_at end
- where id = $1
+ where id = $1 and state in ('succeeded', 'failed')
 returning attempt

@@ -251,7 +251,7 @@ async fn create_run(
 }
 
 /// Starts an ended run again from scratch: a new attempt whose stages prepare new batches,
-/// under the pipeline's current version.
+/// under the pipeline's current version. False if it was not ended any more.
 #[allow(clippy::too_many_arguments)]
 async fn rerun(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -262,23 +262,28 @@ async fn rerun(
     definition: &serde_json::Value,
     state: &str,
     backfill: Option<i64>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let ctx = "starting the run again";
-    let attempt: i32 = tx
-        .query_one(
+    let Some(row) = tx
+        .query_opt(
             sql!("pipeline_run_rerun"),
             &[&run_id, &state, &version, definition, &backfill],
         )
         .await
         .map_err(|e| StoreError::db(ctx, e))?
-        .get(0);
+    else {
+        // Re-opened by a repair meanwhile: it runs already.
+        return Ok(false);
+    };
+    let attempt: i32 = row.get(0);
     tx.execute(sql!("pipeline_stages_clear"), &[&run_id])
         .await
         .map_err(|e| StoreError::db(ctx, e))?;
     tx.execute(sql!("pipeline_watermark_lower"), &[&run_id])
         .await
         .map_err(|e| StoreError::db(ctx, e))?;
-    create_stages(tx, run_id, pipeline, params, attempt).await
+    create_stages(tx, run_id, pipeline, params, attempt).await?;
+    Ok(true)
 }
 
 impl Store {
@@ -304,7 +309,7 @@ impl Store {
             create_run(&tx, pipeline, params, version, &definition, "running", None).await?;
         if !run.created && options.reprocess && matches!(run.state.as_str(), "succeeded" | "failed")
         {
-            rerun(
+            let ended = rerun(
                 &tx,
                 run.id,
                 pipeline,
@@ -316,7 +321,7 @@ impl Store {
             )
             .await?;
             run.state = "running".into();
-            run.created = true;
+            run.created = ended;
         }
         tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
         Ok(run)
