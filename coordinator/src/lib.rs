@@ -80,13 +80,20 @@ enum Command {
         #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
         interval: Duration,
     },
-    /// List failed records with their attempts and last error.
+    /// List failed records with their attempts and last error, or (--group-by error) their
+    /// causes.
     Failed {
         batch: String,
         #[arg(long)]
         json: bool,
+        /// Records listed, or with --group-by, groups listed.
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// `error`: one line per cause (the message with quoted values, ids and numbers
+        /// folded), with its count, first and last failure, sample ids and the key that
+        /// `retry-failed --group` takes.
+        #[arg(long, value_parser = ["error"])]
+        group_by: Option<String>,
     },
     /// Stop workers from claiming a batch; running records finish.
     Pause { batch: String },
@@ -118,6 +125,9 @@ enum Command {
         /// Give each record its full attempt budget again (default: one more attempt).
         #[arg(long)]
         reset_attempts: bool,
+        /// Only the failed records of this cause: a key from `failed --group-by error`.
+        #[arg(long)]
+        group: Option<String>,
     },
 }
 
@@ -276,7 +286,24 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             timeout,
             interval,
         } => wait(&connect(&db, true).await?, &batch, timeout, interval).await,
-        Command::Failed { batch, json, limit } => {
+        Command::Failed {
+            batch,
+            json,
+            limit,
+            group_by: Some(_),
+        } => {
+            let store = connect(&db, true).await?;
+            let groups = store.failure_groups(&batch, limit.max(0)).await?;
+            if json {
+                output::print_json(&groups, false);
+            } else {
+                output::print_failure_groups(&groups);
+            }
+            Ok(exit::OK)
+        }
+        Command::Failed {
+            batch, json, limit, ..
+        } => {
             let store = connect(&db, true).await?;
             let failed = store.failed_records(&batch, limit.max(0)).await?;
             if json {
@@ -352,10 +379,18 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
         Command::RetryFailed {
             batch,
             reset_attempts,
+            group,
         } => {
             let store = connect(&db, true).await?;
-            let n = store.retry_failed(&batch, reset_attempts).await?;
-            println!("{n} failed records of batch {batch} sent back to pending");
+            let n = store
+                .retry_failed_group(&batch, reset_attempts, group.as_deref())
+                .await?;
+            match group {
+                Some(g) => println!(
+                    "{n} failed records of batch {batch} in error group {g} sent back to pending"
+                ),
+                None => println!("{n} failed records of batch {batch} sent back to pending"),
+            }
             Ok(exit::OK)
         }
     }

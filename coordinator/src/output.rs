@@ -2,6 +2,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use tally::model::FailureGroup;
 use tally::{BatchStatus, FailedRecord};
 
 /// A spinner with a count and rate, only on a terminal.
@@ -141,5 +142,28 @@ pub fn print_failed_table(failed: &[FailedRecord]) {
             f.failed_at,
             f.last_error.replace('\n', " ")
         );
+    }
+}
+
+/// `failed --group-by error`: one block per cause, largest first.
+pub fn print_failure_groups(groups: &[FailureGroup]) {
+    if groups.is_empty() {
+        println!("no failed records");
+        return;
+    }
+    println!(
+        "{:<12} {:>8} {:<20} {:<20}  PATTERN",
+        "GROUP", "RECORDS", "FIRST FAILED", "LAST FAILED"
+    );
+    for g in groups {
+        println!(
+            "{:<12} {:>8} {:<20} {:<20}  {}",
+            g.key,
+            g.count,
+            g.first_failed_at,
+            g.last_failed_at,
+            g.pattern.replace('\n', " ")
+        );
+        println!("{:<12} e.g. {}", "", g.sample_ids.join(", "));
     }
 }

@@ -126,6 +126,22 @@ pub struct FailedRecord {
     pub failed_at: String,
 }
 
+/// Failed records of one cause: their error message with what varies folded away.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureGroup {
+    /// Short name of the group, for `retry-failed --group`.
+    pub key: String,
+    /// The message with quoted values, ids and numbers folded.
+    pub pattern: String,
+    pub count: i64,
+    pub first_failed_at: String,
+    pub last_failed_at: String,
+    /// Up to 5 record ids of the group, in load order.
+    pub sample_ids: Vec<String>,
+    /// One message of the group as it was.
+    pub example: String,
+}
+
 /// What `prepare` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrepareOutcome {

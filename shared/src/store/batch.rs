@@ -3,7 +3,7 @@
 use super::progress::{derived_state, StateCounts};
 use super::{sql, Store};
 use crate::error::StoreError;
-use crate::model::{BatchStatus, FailedRecord};
+use crate::model::{BatchStatus, FailedRecord, FailureGroup};
 
 impl Store {
     /// Progress of one batch, or of all batches when `name` is `None`.
@@ -91,6 +91,32 @@ impl Store {
             .collect())
     }
 
+    /// Failed records of a batch grouped by cause, the largest `limit` groups first.
+    pub async fn failure_groups(
+        &self,
+        name: &str,
+        limit: i64,
+    ) -> Result<Vec<FailureGroup>, StoreError> {
+        let batch = self.get_batch(name).await?;
+        let client = self.client().await?;
+        let rows = client
+            .query(sql!("record_failed_groups"), &[&batch.id, &limit])
+            .await
+            .map_err(|e| StoreError::db("grouping failed records", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| FailureGroup {
+                key: r.get(0),
+                pattern: r.get(1),
+                count: r.get(2),
+                first_failed_at: r.get(3),
+                last_failed_at: r.get(4),
+                sample_ids: r.get(5),
+                example: r.get(6),
+            })
+            .collect())
+    }
+
     /// Stops workers from claiming the batch (rows already running finish). Returns false if
     /// it was not `ready`.
     pub async fn pause(&self, name: &str) -> Result<bool, StoreError> {
@@ -174,11 +200,25 @@ impl Store {
     /// Sends a batch's failed rows back to pending; returns how many. Other batches and other
     /// states are untouched, so running it twice is harmless.
     pub async fn retry_failed(&self, name: &str, reset_attempts: bool) -> Result<u64, StoreError> {
+        self.retry_failed_group(name, reset_attempts, None).await
+    }
+
+    /// Like [`Store::retry_failed`], only for the failed records of one cause when `group` (a
+    /// key from [`Store::failure_groups`]) is given.
+    pub async fn retry_failed_group(
+        &self,
+        name: &str,
+        reset_attempts: bool,
+        group: Option<&str>,
+    ) -> Result<u64, StoreError> {
         let batch = self.get_batch(name).await?;
         let client = self.client().await?;
         let ctx = "retrying failed records";
         let n = client
-            .execute(sql!("record_retry_failed"), &[&batch.id, &reset_attempts])
+            .execute(
+                sql!("record_retry_failed"),
+                &[&batch.id, &reset_attempts, &group],
+            )
             .await
             .map_err(|e| StoreError::db(ctx, e))?;
         if n > 0 {

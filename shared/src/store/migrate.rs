@@ -53,6 +53,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             "/../sql/migrations/0006_pipeline_backfills.sql"
         )),
     ),
+    (
+        7,
+        "0007_error_groups",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0007_error_groups.sql"
+        )),
+    ),
 ];
 
 pub(super) fn latest_version() -> i32 {
