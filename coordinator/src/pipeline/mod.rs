@@ -5,6 +5,7 @@ mod backfill;
 
 pub use backfill::BackfillArgs;
 
+use crate::actions::Action;
 use crate::{exit, output};
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -222,24 +223,10 @@ pub async fn execute(
             backfill::execute(store, &pipeline, args).await
         }
         PipelineCommand::Repair { run, stage } => {
-            let repair = store.pipeline_repair(&run, stage.as_deref()).await?;
-            if repair.stages.is_empty() {
-                println!("run {run}: no failed stage to repair");
-                return Ok(exit::OK);
-            }
-            println!(
-                "run {run}: re-opened {} failed records in {} stage(s) ({}); {} stage(s) after them will run again{}",
-                repair.records,
-                repair.stages.len(),
-                repair.stages.join(", "),
-                repair.waiting.len(),
-                if repair.waiting.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", repair.waiting.join(", "))
-                }
-            );
-            store.advance_run(repair.run_id).await?;
+            let done = Action::Repair { run, stage }
+                .run(store, &crate::actions::cli_actor())
+                .await?;
+            println!("{}", done.message);
             Ok(exit::OK)
         }
         PipelineCommand::Status { run, json } => {

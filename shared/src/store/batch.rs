@@ -18,54 +18,7 @@ impl Store {
                 return Err(StoreError::BatchNotFound(name.to_string()));
             }
         }
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let stored: String = row.get(2);
-                let pending: i64 = row.get(4);
-                let running: i64 = row.get(5);
-                let complete: i64 = row.get(6);
-                let failed: i64 = row.get(7);
-                let elapsed: Option<f64> = row.get(9);
-                let counts = StateCounts {
-                    pending,
-                    running,
-                    complete,
-                    failed,
-                    cancelled: row.get(8),
-                };
-                // started_at is set by the first claim: elapsed is known once started.
-                let interrupted: bool = row.get(14);
-                let state = if interrupted {
-                    "interrupted"
-                } else {
-                    derived_state(&stored, &counts, elapsed.is_some())
-                };
-                let rate = elapsed
-                    .filter(|&s| s > 0.0)
-                    .map(|s| (complete + failed) as f64 / s);
-                let eta = rate
-                    .filter(|&r| r > 0.0 && pending + running > 0)
-                    .map(|r| (pending + running) as f64 / r);
-                BatchStatus {
-                    batch: row.get(0),
-                    queue: row.get(1),
-                    state: state.to_string(),
-                    total: row.get(3),
-                    pending,
-                    running,
-                    complete,
-                    failed,
-                    cancelled: counts.cancelled,
-                    max_attempts: row.get(10),
-                    created_at: row.get(11),
-                    paused_reason: row.get(12),
-                    breaker: row.get(13),
-                    rate_per_s: rate,
-                    eta_s: eta,
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(status_from_row).collect())
     }
 
     /// Failed records of a batch, oldest first.
@@ -279,5 +232,52 @@ impl Store {
             .map_err(|e| StoreError::db(ctx, e))?;
         tx.commit().await.map_err(|e| StoreError::db(ctx, e))?;
         Ok(records as u64)
+    }
+}
+
+/// A batch's status from a row of `batch_status` (or a query with its first 15 columns).
+pub(super) fn status_from_row(row: &tokio_postgres::Row) -> BatchStatus {
+    let stored: String = row.get(2);
+    let pending: i64 = row.get(4);
+    let running: i64 = row.get(5);
+    let complete: i64 = row.get(6);
+    let failed: i64 = row.get(7);
+    let elapsed: Option<f64> = row.get(9);
+    let counts = StateCounts {
+        pending,
+        running,
+        complete,
+        failed,
+        cancelled: row.get(8),
+    };
+    // started_at is set by the first claim: elapsed is known once started.
+    let interrupted: bool = row.get(14);
+    let state = if interrupted {
+        "interrupted"
+    } else {
+        derived_state(&stored, &counts, elapsed.is_some())
+    };
+    let rate = elapsed
+        .filter(|&s| s > 0.0)
+        .map(|s| (complete + failed) as f64 / s);
+    let eta = rate
+        .filter(|&r| r > 0.0 && pending + running > 0)
+        .map(|r| (pending + running) as f64 / r);
+    BatchStatus {
+        batch: row.get(0),
+        queue: row.get(1),
+        state: state.to_string(),
+        total: row.get(3),
+        pending,
+        running,
+        complete,
+        failed,
+        cancelled: counts.cancelled,
+        max_attempts: row.get(10),
+        created_at: row.get(11),
+        paused_reason: row.get(12),
+        breaker: row.get(13),
+        rate_per_s: rate,
+        eta_s: eta,
     }
 }

@@ -61,6 +61,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
             "/../sql/migrations/0007_error_groups.sql"
         )),
     ),
+    (
+        8,
+        "0008_dashboard",
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../sql/migrations/0008_dashboard.sql"
+        )),
+    ),
 ];
 
 pub(super) fn latest_version() -> i32 {

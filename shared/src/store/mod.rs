@@ -3,6 +3,7 @@
 pub mod alerts;
 mod batch;
 mod connect;
+pub mod dashboard;
 mod load;
 mod migrate;
 mod observe;

@@ -188,8 +188,12 @@ impl Store {
                     EventKind::FinishedWithFailures => format!("finished:{id}:{episode}"),
                     _ => format!("{}:{id}:{episode}", kind.as_str()),
                 };
-                let detail = (kind == EventKind::Stalled)
-                    .then(|| format!("no record finished for {}", humanize(unchanged_s)));
+                let detail = (kind == EventKind::Stalled).then(|| {
+                    format!(
+                        "no record finished for {}",
+                        crate::model::human_duration(unchanged_s)
+                    )
+                });
                 events.push(Event {
                     kind,
                     key,
@@ -259,18 +263,15 @@ impl Store {
             .await
             .map_err(db)?;
         }
+        // The dashboard's throughput chart and workers page.
+        tx.batch_execute(sql!("serve_samples_save"))
+            .await
+            .map_err(db)?;
+        tx.batch_execute(sql!("serve_workers_prune"))
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(Some(events))
-    }
-}
-
-/// "12m 5s": a short duration for messages.
-fn humanize(seconds: f64) -> String {
-    let s = seconds.max(0.0) as u64;
-    match (s / 3600, (s % 3600) / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m {s}s"),
-        (h, m, _) => format!("{h}h {m}m"),
     }
 }
 

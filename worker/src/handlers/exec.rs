@@ -356,6 +356,10 @@ fn is_runnable(program: &str) -> bool {
 
 #[async_trait::async_trait]
 impl Handler for ExecHandler {
+    fn name(&self) -> &'static str {
+        "exec"
+    }
+
     async fn handle(
         &self,
         ctx: &RecordContext,

@@ -488,6 +488,10 @@ impl HttpHandler {
 
 #[async_trait::async_trait]
 impl Handler for HttpHandler {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
     async fn handle(
         &self,
         ctx: &RecordContext,

@@ -5,6 +5,7 @@ use super::state::Shared;
 use super::supervise::Fault;
 use std::collections::HashSet;
 use std::sync::Arc;
+use tally::store::dashboard::Heartbeat;
 use tokio_util::sync::CancellationToken;
 
 /// Expired leases (claims) taken per rescue statement.
@@ -57,8 +58,24 @@ pub(super) async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Any live worker returns rows of dead ones once their leases expire.
+/// Writes this worker's row for the dashboard's workers page. A failure only delays it.
+pub(super) async fn heartbeat(shared: &Shared, stopping: bool) {
+    let hb = Heartbeat {
+        id: &shared.config.worker_id,
+        queue: &shared.config.queue,
+        handler: shared.handler_name,
+        concurrency: i32::try_from(shared.config.concurrency).unwrap_or(i32::MAX),
+        stopping,
+    };
+    if let Err(e) = shared.store.worker_heartbeat(&hb).await {
+        tracing::debug!("writing the worker's heartbeat failed: {e}");
+    }
+}
+
+/// Any live worker returns rows of dead ones once their leases expire. Each pass also writes
+/// this worker's heartbeat.
 pub(super) async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    heartbeat(&shared, false).await;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -67,6 +84,7 @@ pub(super) async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
         if shared.faulty(Fault::RescuePanics) {
             panic!("injected fault: the rescue loop panics");
         }
+        heartbeat(&shared, false).await;
         for _ in 0..RESCUE_PASSES {
             match shared.store.rescue_expired(RESCUE_LIMIT).await {
                 Ok(s) => {

@@ -166,6 +166,7 @@ impl Worker {
             self.health.clone(),
             &shutdown,
             self.fault,
+            self.processor.name(),
         ));
         let background = CancellationToken::new();
         let wake = Arc::new(Notify::new());
@@ -258,6 +259,7 @@ impl Worker {
         if let Some(reason) = shared.fatal_reason() {
             return Err(WorkerError::Fatal(reason));
         }
+        lease::heartbeat(&shared, true).await;
         let summary = summary(&shared.metrics);
         tracing::info!(?summary, "worker stopped");
         Ok(summary)

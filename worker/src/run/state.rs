@@ -68,6 +68,8 @@ pub(super) struct Shared {
     /// This worker reported retryable failures and no success since.
     pub(super) breaker_dirty: AtomicBool,
     pub(super) health: Arc<Health>,
+    /// The handler's kind, for the worker's row on the dashboard.
+    pub(super) handler_name: &'static str,
     /// When rows this worker sent back for a retry become due: the idle claim loop wakes for
     /// the earliest instead of waiting for the poll.
     retries: Mutex<BTreeSet<tokio::time::Instant>>,
@@ -95,6 +97,7 @@ impl Shared {
         health: Arc<Health>,
         shutdown: &CancellationToken,
         fault: Option<Fault>,
+        handler_name: &'static str,
     ) -> Shared {
         Shared {
             store,
@@ -111,6 +114,7 @@ impl Shared {
             probing: AtomicBool::new(false),
             breaker_dirty: AtomicBool::new(false),
             health,
+            handler_name,
             retries: Mutex::new(BTreeSet::new()),
             retry_recorded: Notify::new(),
             epoch: tokio::time::Instant::now(),
