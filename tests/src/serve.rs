@@ -14,11 +14,17 @@ pub struct Serve {
 
 /// Starts `coordinator serve --listen 127.0.0.1:0 ARGS` and reads the address it printed.
 pub fn start_serve(url: &str, args: &[&str]) -> Serve {
+    start_serve_env(url, args, &[])
+}
+
+/// [`start_serve`] with extra environment variables.
+pub fn start_serve_env(url: &str, args: &[&str], env: &[(&str, &str)]) -> Serve {
     let mut child = Command::new(binary("coordinator"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(args)
         .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -45,6 +51,17 @@ pub fn start_serve(url: &str, args: &[&str]) -> Serve {
 }
 
 impl Serve {
+    /// Waits until `/readyz` answers 200: serve has connected to PostgreSQL.
+    pub async fn ready(self) -> Serve {
+        crate::poll_until(
+            "serve is ready",
+            std::time::Duration::from_secs(30),
+            || async { (self.get("/readyz").await.0 == 200).then_some(()) },
+        )
+        .await;
+        self
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         let response = reqwest::get(format!("{}{path}", self.base))
             .await

@@ -57,6 +57,8 @@ pub(crate) enum Fail {
     /// The database failed: the page says so without details (which may name the server);
     /// serve's log has them.
     Down,
+    /// serve has not connected to PostgreSQL yet.
+    Connecting,
 }
 
 impl From<StoreError> for Fail {
@@ -83,6 +85,11 @@ impl IntoResponse for Fail {
                 "Database unavailable",
                 "PostgreSQL did not answer; the details are in serve's log.".into(),
             ),
+            Fail::Connecting => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Starting",
+                "serve is still connecting to PostgreSQL; try again in a moment.".into(),
+            ),
         };
         html::page(
             status,
@@ -100,7 +107,7 @@ impl IntoResponse for Fail {
 
 /// The store, once `serve` has connected.
 fn store(shared: &Shared) -> Result<&Store, Fail> {
-    shared.store.get().ok_or(Fail::Down)
+    shared.store.get().ok_or(Fail::Connecting)
 }
 
 /// Who is looking at a page, and what they may do.
