@@ -107,13 +107,7 @@ impl Action {
                 group: Some(g),
                 ..
             } => {
-                let n = store
-                    .failure_groups(batch, 1000)
-                    .await?
-                    .into_iter()
-                    .find(|x| &x.key == g)
-                    .map(|x| x.count)
-                    .unwrap_or(0);
+                let n = store.failed_in_group(batch, g).await?;
                 (
                     format!("{n} failed records of error group {g} go back to pending"),
                     n,

@@ -1,6 +1,7 @@
 -- Failed records of a batch grouped by cause (tally.error_group), largest group first: its
 -- key, pattern, size, first and last failure, the first 5 record ids and one full message.
--- Reads the batch's failed records through the record_errors index. $1 batch id, $2 groups
+-- Reads the batch's failed records through the record_errors index. $1 batch id, $2 most
+-- groups returned.
 select left(md5(g), 12) as key,
        g as pattern,
        count(*)::bigint,

@@ -2,7 +2,7 @@
 //! throughput, attempts, failures grouped by cause, actions and their audit.
 
 use super::html::{bar, cut, esc, int, rate, state, took, url_value};
-use super::{chart, store, Fail, Viewer, PAGE, REFRESH_S};
+use super::{chart, given, store, Fail, Viewer, PAGE, REFRESH_S};
 use crate::serve::Shared;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -36,12 +36,6 @@ pub struct ListQuery {
     before: Option<i64>,
 }
 
-fn some(s: &Option<String>) -> Option<String> {
-    s.as_ref()
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-}
-
 /// The state bar's parts.
 fn parts(s: &BatchStatus) -> [(&'static str, i64); 5] {
     [
@@ -71,9 +65,9 @@ pub async fn index(
     let viewer = Viewer::of(&shared, &headers);
     let store = store(&shared)?;
     let mut filter = BatchFilter {
-        queue: some(&q.queue),
-        name: some(&q.name),
-        state: some(&q.state),
+        queue: given(&q.queue),
+        name: given(&q.name),
+        state: given(&q.state),
         before: q.before,
         limit: PAGE + 1,
     };
@@ -135,7 +129,7 @@ pub async fn index(
     if let (true, Some(last)) = (more, rows.last()) {
         let mut link = format!("/?before={}", last.id);
         for (k, v) in [("state", &q.state), ("queue", &q.queue), ("name", &q.name)] {
-            if let Some(v) = some(v) {
+            if let Some(v) = given(v) {
                 let _ = write!(link, "&{k}={}", url_value(&v));
             }
         }

@@ -107,14 +107,18 @@ pub fn bar(total: i64, parts: &[(&str, i64)]) -> String {
 
 /// A state as a coloured label.
 pub fn state(s: &str) -> String {
-    let class: String = s
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
     format!(
-        "<span class=\"state {class}\">{}</span>",
+        "<span class=\"state {}\">{}</span>",
+        state_class(s),
         esc(&s.replace('_', " "))
     )
+}
+
+/// A state as a CSS class: only the characters a class name may hold.
+pub fn state_class(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
 }
 
 /// 1234567 as "1,234,567".

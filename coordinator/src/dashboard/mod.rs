@@ -106,6 +106,12 @@ impl IntoResponse for Fail {
 }
 
 /// The store, once `serve` has connected.
+/// A form field that was filled in: `None` when absent or blank. Kept as typed (a record id
+/// may hold spaces).
+fn given(s: &Option<String>) -> Option<String> {
+    s.as_ref().filter(|v| !v.trim().is_empty()).cloned()
+}
+
 fn store(shared: &Shared) -> Result<&Store, Fail> {
     shared.store.get().ok_or(Fail::Connecting)
 }

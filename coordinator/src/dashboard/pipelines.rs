@@ -1,8 +1,8 @@
 //! Pipeline runs: the runs and backfills, and one run's stages as a graph with their counts,
 //! its repair history and its actions.
 
-use super::html::{cut, esc, int, state};
-use super::{store, Fail, Viewer, PAGE, REFRESH_S};
+use super::html::{cut, esc, int, state, state_class};
+use super::{given, store, Fail, Viewer, PAGE, REFRESH_S};
 use crate::serve::Shared;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -27,8 +27,8 @@ pub async fn index(
 ) -> Result<Response, Fail> {
     let viewer = Viewer::of(&shared, &headers);
     let store = store(&shared)?;
-    let pipeline = q.pipeline.as_deref().filter(|p| !p.is_empty());
-    let run_state = q.state.as_deref().filter(|p| !p.is_empty());
+    let (pipeline, run_state) = (given(&q.pipeline), given(&q.state));
+    let (pipeline, run_state) = (pipeline.as_deref(), run_state.as_deref());
     let mut runs = store
         .dashboard_runs(pipeline, run_state, q.before, PAGE + 1)
         .await?;
@@ -198,11 +198,7 @@ pub fn graph(stages: &[StageStatus]) -> String {
                 );
             }
         }
-        let class: String = s
-            .state
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
+        let class = state_class(&s.state);
         let counts = if s.total > 0 || s.complete + s.failed > 0 {
             format!(
                 "{} / {} done{}",

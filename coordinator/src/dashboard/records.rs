@@ -2,7 +2,7 @@
 //! one record in full. Every page is a keyset page over an index.
 
 use super::html::{cut, esc, state, url_value};
-use super::{store, Fail, Viewer, PAGE};
+use super::{given, store, Fail, Viewer, PAGE};
 use crate::serve::Shared;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -26,10 +26,6 @@ pub struct SearchQuery {
     after: Option<String>,
 }
 
-fn some(s: &Option<String>) -> Option<String> {
-    s.as_ref().filter(|v| !v.is_empty()).cloned()
-}
-
 pub async fn search(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -39,7 +35,7 @@ pub async fn search(
     let viewer = Viewer::of(&shared, &headers);
     let store = store(&shared)?;
     let batch_id = store.batch_id(&name).await?;
-    let state_filter = some(&q.state);
+    let state_filter = given(&q.state);
     if let Some(s) = &state_filter {
         if !RECORD_STATES.contains(&s.as_str()) {
             return Err(Fail::Bad(format!(
@@ -48,7 +44,7 @@ pub async fn search(
             )));
         }
     }
-    let min_attempts = match some(&q.min_attempts) {
+    let min_attempts = match given(&q.min_attempts) {
         None => None,
         Some(v) => Some(
             v.trim()
@@ -58,12 +54,12 @@ pub async fn search(
     };
     let prefix = q.mode.as_deref() == Some("prefix");
     let filter = RecordFilter {
-        id: some(&q.id),
+        id: given(&q.id),
         prefix,
         state: state_filter.clone(),
-        group: some(&q.group),
+        group: given(&q.group),
         min_attempts,
-        after: some(&q.after),
+        after: given(&q.after),
         limit: PAGE,
     };
     let page = store.dashboard_records(batch_id, &filter).await?;
@@ -124,7 +120,7 @@ pub async fn search(
             ("group", &q.group),
             ("min_attempts", &q.min_attempts),
         ] {
-            if let Some(v) = some(v) {
+            if let Some(v) = given(v) {
                 let _ = write!(link, "&{k}={}", url_value(&v));
             }
         }

@@ -70,6 +70,18 @@ impl Store {
             .collect())
     }
 
+    /// How many failed records of the batch are in error group `key`: what
+    /// [`Store::retry_failed_group`] with that key would send back now.
+    pub async fn failed_in_group(&self, name: &str, key: &str) -> Result<i64, StoreError> {
+        let batch = self.get_batch(name).await?;
+        let client = self.client().await?;
+        let row = client
+            .query_one(sql!("record_failed_group_count"), &[&batch.id, &key])
+            .await
+            .map_err(|e| StoreError::db("counting an error group", e))?;
+        Ok(row.get(0))
+    }
+
     /// Stops workers from claiming the batch (rows already running finish). Returns false if
     /// it was not `ready`.
     pub async fn pause(&self, name: &str) -> Result<bool, StoreError> {
