@@ -92,6 +92,52 @@ fn make_certificates(dir: &Path) -> PathBuf {
     dir.join("ca.crt")
 }
 
+/// A self-signed X.509 v1 certificate (no extensions), like the one `create extension citus`
+/// generates for itself, as `server.crt` and `server.key`.
+fn make_v1_certificate(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=citus-auto-ssl",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-signkey",
+            "server.key",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+        ],
+    );
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in", "server.crt"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("Version: 1 (0x0)"),
+        "not a v1 certificate: {shown}"
+    );
+}
+
 /// Turns TLS on in the cluster, and lets `ROLE` in only over TLS with a SCRAM password.
 async fn enable_tls(pg: &ThrowawayPg, certs: &Path) {
     let data = pg.dir.join("data");
@@ -368,4 +414,51 @@ async fn tls_modes_and_password_sources_through_the_binaries() {
     assert_eq!(seen, 50);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(!logged.contains(PASSWORD), "the worker logged the password");
+}
+
+/// libpq's prefer and require encrypt without checking the certificate, so they accept one
+/// that cannot even be verified (X.509 v1, as Citus makes); verify-ca refuses it, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_and_require_accept_a_v1_self_signed_certificate() {
+    let pg = ThrowawayPg::start("tls-v1");
+    let certs = pg.dir.join("certs");
+    make_v1_certificate(&certs);
+    enable_tls(&pg, &certs).await;
+    let db = TestDb::new_at(&pg.url, "tls_v1").await;
+
+    // The role is let in only over TLS: a success below was encrypted.
+    for query in ["", "sslmode=prefer", "sslmode=require"] {
+        let url = url(&pg, &db.name, "127.0.0.1", true, query);
+        let out = run("coordinator", &["status"], &[("DATABASE_URL", &url)]);
+        assert_eq!(out.status.code(), Some(0), "{query:?}: {}", text(&out));
+        let out = run(
+            "coordinator",
+            &[
+                "prepare",
+                &format!("b{}", query.len()),
+                "--queue",
+                "q",
+                "--from-query",
+                "select g::text as id from generate_series(1, 3) g",
+            ],
+            &[("DATABASE_URL", &url)],
+        );
+        assert_eq!(out.status.code(), Some(0), "{query:?}: {}", text(&out));
+    }
+
+    // verify-ca, even with the certificate itself as the CA: refused at once, saying why.
+    let ca = certs.join("server.crt");
+    let url = url(&pg, &db.name, "127.0.0.1", true, "sslmode=verify-ca");
+    let out = run(
+        "coordinator",
+        &["--db-ca-file", ca.to_str().unwrap(), "status"],
+        &[("DATABASE_URL", &url)],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(69), "{said}");
+    assert!(
+        said.contains("the server's certificate is X.509 v1") && said.contains("sslmode=require"),
+        "{said}"
+    );
+    assert!(!said.contains(PASSWORD), "{said}");
 }

@@ -354,7 +354,11 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// prefer/require without a CA: encrypted, the certificate taken as presented (libpq's
-/// behaviour; it protects against passive listeners only).
+/// behaviour; it protects against passive listeners only). The handshake's signature is not
+/// checked either: parsing the certificate to check it would refuse what libpq accepts (an
+/// X.509 v1 certificate, such as the one Citus generates), and with any certificate accepted
+/// the signature proves nothing an attacker could not also produce. The key exchange still
+/// keeps a passive listener out.
 #[derive(Debug)]
 struct EncryptOnly(Arc<CryptoProvider>);
 
@@ -372,30 +376,20 @@ impl ServerCertVerifier for EncryptOnly {
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        Ok(HandshakeSignatureValid::assertion())
     }
 
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        Ok(HandshakeSignatureValid::assertion())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -420,6 +414,15 @@ pub(super) fn describe_tls_failure(reason: &str, host: &str) -> Option<(String, 
         (
             format!("certificate verification failed for host {host}: the certificate does not name this host"),
             "connect by a name the certificate lists, or use sslmode=verify-ca",
+        )
+    } else if rejected && reason.contains("UnsupportedCertVersion") {
+        (
+            format!(
+                "certificate verification failed for host {host}: the server's certificate is \
+                 X.509 v1, which cannot be verified (Citus generates such a certificate)"
+            ),
+            "give the server a v3 certificate signed by a CA, or use sslmode=require, which \
+             encrypts without checking the certificate",
         )
     } else if rejected && (reason.contains("Expired") || reason.contains("NotValidYet")) {
         (
